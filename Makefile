@@ -1,0 +1,29 @@
+# make demo: set up .venv and run the default training job end to end.
+# make test: set up .venv and run the test suite (what CI runs).
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sftdist-installed
+
+.PHONY: setup demo test clean
+
+# torch goes in first: on a host without a GPU the pinned CPU build (torch==2.13.0), so that nothing
+# later pulls the multi-GB CUDA build; where nvidia-smi sees a GPU, the normal CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/sftdist-launch $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info

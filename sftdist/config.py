@@ -1,0 +1,261 @@
+"""Typed run configuration: one dataclass per Hydra config group, plus cross-group validation.
+
+Every group under ``conf/`` maps to exactly one dataclass here. ``SFTConfig`` is the root schema that
+``conf/config.yaml`` lists first in its defaults, so Hydra rejects unknown keys and wrong types while
+composing, before anything expensive runs. ``__post_init__`` checks one group; ``validate()`` checks the
+rules that span groups (batch arithmetic, precision vs. hardware, offload vs. stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+TRAIN_ON = ("assistant", "last", "all")
+FORMATS = ("messages", "text")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("online", "offline", "disabled")
+LAUNCHERS = ("torchrun", "deepspeed")
+PEFT_METHODS = ("none", "lora")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+
+
+def _check_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model and its tokenizer (group ``model/``)."""
+
+    name_or_path: Optional[str] = None  # HF hub id or local directory; None builds from ``from_config``
+    tokenizer: Optional[str] = None  # tokenizer id/dir; defaults to name_or_path; "builtin:demo" = offline demo
+    from_config: Optional[Dict[str, Any]] = None  # kwargs for AutoConfig.for_model (random init), e.g. tiny
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flash_attention_3
+    trust_remote_code: bool = False
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+
+    def __post_init__(self) -> None:
+        # "Neither set" is left to validate(): the schema's own default must construct.
+        if self.name_or_path is not None and self.from_config:
+            raise ConfigError("model: set only one of model.name_or_path and model.from_config")
+        if self.from_config and "model_type" not in self.from_config:
+            raise ConfigError("model.from_config needs a model_type (e.g. llama)")
+        if self.from_config and self.tokenizer is None:
+            raise ConfigError("model.tokenizer is required when the model is built from model.from_config")
+
+
+@dataclass
+class DataSource:
+    """One data set in the training mix."""
+
+    name: str = "???"  # short id used in logs and metrics
+    path: str = "???"  # local file (.jsonl/.json) or "builtin:demo_chat" / "builtin:demo_generic"
+    format: str = "messages"  # messages (chat) | text (plain documents, every token trained)
+    weight: float = 1.0  # relative share of training samples drawn from this source
+    max_samples: Optional[int] = None  # use at most this many records
+
+    def __post_init__(self) -> None:
+        _check_choice(f"data.sources[{self.name}].format", self.format, FORMATS)
+        _check_positive(f"data.sources[{self.name}].weight", self.weight, allow_zero=True)
+
+
+@dataclass
+class DataConfig:
+    """The data mix (group ``data/``)."""
+
+    sources: List[DataSource] = field(default_factory=list)
+    train_on: str = "assistant"  # assistant (every assistant turn) | last (final assistant turn) | all
+
+    def __post_init__(self) -> None:
+        _check_choice("data.train_on", self.train_on, TRAIN_ON)
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: names must be unique, got {names}")
+        if self.sources and sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError("data.sources: at least one weight must be > 0")
+
+
+@dataclass
+class ParallelConfig:
+    """DeepSpeed ZeRO stage, precision and memory options (group ``parallelism/``)."""
+
+    zero_stage: int = 2  # 0 = plain data parallel, 1 = optimizer states, 2 = + grads, 3 = + params
+    precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32
+    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO-Offload)
+    offload_params: bool = False  # parameters in CPU memory (ZeRO-3 only)
+    nvme_path: Optional[str] = None  # offload to NVMe at this path instead of CPU memory
+    activation_checkpointing: bool = False  # recompute activations in backward to save memory
+    overlap_comm: bool = True  # overlap gradient reduction with backward
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 200_000_000  # elements per gradient-reduction bucket
+    allgather_bucket_size: int = 200_000_000  # elements per all-gather bucket (stages 1-2)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallelism.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        _check_choice("parallelism.precision", self.precision, PRECISIONS)
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("parallelism.offload_params needs parallelism.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("parallelism.offload_optimizer needs parallelism.zero_stage >= 1")
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (group ``peft/``)."""
+
+    method: str = "none"  # none = full fine-tuning | lora
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    modules_to_save: Optional[List[str]] = None  # trained in full and saved with the adapter
+
+    def __post_init__(self) -> None:
+        _check_choice("peft.method", self.method, PEFT_METHODS)
+        if self.method != "none":
+            _check_positive("peft.r", self.r)
+            if not self.target_modules:
+                raise ConfigError("peft.target_modules is empty")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batch sizes and run length (group ``train/``)."""
+
+    max_steps: int = -1  # optimizer steps; -1 = derive from epochs
+    epochs: float = 1.0  # passes over the mixed data when max_steps = -1
+    lr: float = 2e-5  # peak learning rate
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # fraction of max_steps, used when warmup_steps = 0
+    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
+    weight_decay: float = 0.0  # not applied to biases, norms or embeddings
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    micro_batch_size: int = 1  # sequences per forward/backward on one rank
+    global_batch_size: int = 8  # sequences per optimizer step over all ranks
+    max_length: int = 2048  # tokens per sequence; longer samples are truncated
+    seed: int = 42
+    overwrite: bool = False  # allow writing into an output_dir that already holds a run
+
+    def __post_init__(self) -> None:
+        _check_choice("train.schedule", self.schedule, SCHEDULES)
+        _check_positive("train.lr", self.lr)
+        _check_positive("train.micro_batch_size", self.micro_batch_size)
+        _check_positive("train.global_batch_size", self.global_batch_size)
+        _check_positive("train.max_length", self.max_length)
+        _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"train.max_steps={self.max_steps} must be > 0, or -1 to use train.epochs")
+        if self.max_steps == -1:
+            _check_positive("train.epochs", self.epochs)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas={self.adam_betas} needs two values")
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics file and Weights & Biases (group ``logging/``)."""
+
+    log_every: int = 1  # optimizer steps between console lines (metrics.jsonl gets every step)
+    wandb_mode: str = "disabled"  # online | offline | disabled
+    wandb_project: str = "sftdist"
+    wandb_entity: Optional[str] = None
+    wandb_group: Optional[str] = None
+    wandb_tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
+        _check_positive("logging.log_every", self.log_every)
+
+
+@dataclass
+class LaunchConfig:
+    """How ``sftdist-launch`` starts the processes (group ``launch/``)."""
+
+    launcher: str = "torchrun"  # torchrun | deepspeed
+    nproc_per_node: Optional[int] = None  # None = every GPU, or 2 on a host without GPUs
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        _check_choice("launch.launcher", self.launcher, LAUNCHERS)
+        if self.nproc_per_node is not None:
+            _check_positive("launch.nproc_per_node", self.nproc_per_node)
+        _check_positive("launch.nnodes", self.nnodes)
+
+
+@dataclass
+class SFTConfig:
+    """The root schema: every group plus the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallelism: ParallelConfig = field(default_factory=ParallelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    output_dir: str = "???"  # the run directory, shared by all ranks
+    run_name: Optional[str] = None  # W&B run name; defaults to the output_dir's basename
+
+
+def validate(cfg: SFTConfig, *, dp_world: int, has_gpu: bool) -> None:
+    """Check the rules that span config groups.
+
+    Args:
+        cfg: The composed, typed config.
+        dp_world: Number of data-parallel processes the run will use.
+        has_gpu: Whether the run will train on CUDA devices.
+
+    Raises:
+        ConfigError: naming the keys that cannot work together.
+    """
+    if cfg.model.name_or_path is None and not cfg.model.from_config:
+        raise ConfigError("model: set model.name_or_path (hub id or local directory) or model.from_config")
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty: name at least one data set")
+    t = cfg.train
+    per_step = t.micro_batch_size * dp_world
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} x {dp_world} data-parallel processes = {per_step}; gradient accumulation "
+            f"would not be a whole number")
+    if not has_gpu and cfg.parallelism.precision in ("bf16", "fp16"):
+        raise ConfigError(f"parallelism.precision={cfg.parallelism.precision} needs a GPU; "
+                          f"use precision=auto or fp32 on CPU")
+    if not has_gpu and cfg.model.attn_implementation.startswith("flash_attention"):
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} needs a GPU; "
+                          f"use sdpa or eager on CPU")
+
+
+def grad_accum_steps(train: TrainConfig, dp_world: int) -> int:
+    """Micro-batches each rank runs per optimizer step: global / (micro x data-parallel world)."""
+    return train.global_batch_size // (train.micro_batch_size * dp_world)
+
+
+def register_configs() -> None:
+    """Register the root schema so that ``conf/config.yaml`` can name it in its defaults."""
+    ConfigStore.instance().store(name="sft_schema", node=SFTConfig)

@@ -1,0 +1,169 @@
+"""The thin layer over torch.distributed and DeepSpeed: process group, rank helpers, the pure DeepSpeed
+config builder and the engine wrapper. DeepSpeed is imported only inside functions that need it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from sftdist.config import ParallelConfig, TrainConfig, grad_accum_steps
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_gpu() -> bool:
+    """Whether this process will train on a CUDA device."""
+    return torch.cuda.is_available()
+
+
+def init_distributed() -> None:
+    """Join the process group that the launcher set up, or make a one-process group without a launcher.
+
+    ``python -m sftdist.train`` runs without torchrun; DeepSpeed still needs a process group, and without
+    the launcher's variables it would go looking for MPI.
+    """
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if has_gpu():
+        torch.cuda.set_device(local_rank())
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if has_gpu() else "gloo")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    """True on global rank 0, the only rank that writes files and logs."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    return torch.device("cuda", local_rank()) if has_gpu() else torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few numbers over all ranks (one collective; every rank must call it)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's value of ``obj`` on every rank."""
+    if not dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def resolve_precision(precision: str, *, gpu: bool) -> str:
+    """``auto`` -> bf16 on GPUs that support it, fp32 elsewhere; other values pass through."""
+    if precision != "auto":
+        return precision
+    return "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def build_ds_config(parallel: ParallelConfig, train: TrainConfig, *, dp_world: int, precision: str,
+                    gpu: bool) -> dict:
+    """The complete DeepSpeed config for a run, with no ``"auto"`` left in it.
+
+    Pure: the same typed configs give the same dict, so it is unit-tested against expected dicts.
+
+    Args:
+        parallel: ZeRO stage, offload and communication options.
+        train: Batch sizes, optimizer hyper-parameters and clipping.
+        dp_world: Number of data-parallel processes.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (already resolved).
+        gpu: Whether the run uses CUDA (pinned memory only makes sense there).
+
+    Returns:
+        A dict for ``deepspeed.initialize(config=...)``.
+    """
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage > 0:
+        zero.update(overlap_comm=parallel.overlap_comm, contiguous_gradients=parallel.contiguous_gradients,
+                    reduce_bucket_size=parallel.reduce_bucket_size)
+    if parallel.zero_stage in (1, 2):
+        zero.update(allgather_bucket_size=parallel.allgather_bucket_size, reduce_scatter=True)
+    if parallel.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=parallel.reduce_bucket_size,
+                    stage3_param_persistence_threshold=100_000, stage3_max_live_parameters=1_000_000_000,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    offload_device = "nvme" if parallel.nvme_path else "cpu"
+    for enabled, key in ((parallel.offload_optimizer, "offload_optimizer"), (parallel.offload_params, "offload_param")):
+        if enabled:
+            zero[key] = {"device": offload_device, "pin_memory": gpu}
+            if parallel.nvme_path:
+                zero[key]["nvme_path"] = parallel.nvme_path
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(train, dp_world),
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": list(train.adam_betas),
+                                                   "eps": train.adam_eps, "weight_decay": train.weight_decay}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # sftdist logs itself; silence DeepSpeed's own step printing
+        "wall_clock_breakdown": False,
+    }
+
+
+def zero3_init_context(ds_config: dict) -> Optional[object]:
+    """For ZeRO-3, an ``HfDeepSpeedConfig`` that makes transformers build or load the model already
+    partitioned (``deepspeed.zero.Init``). The caller must keep the returned object alive while the model
+    is built; ``None`` for other stages."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def wrap_with_deepspeed(model: torch.nn.Module, param_groups: list[dict], ds_config: dict,
+                        lr_lambda: Callable[[int], float]):
+    """Create the DeepSpeed engine with the optimizer from ``ds_config`` and a LambdaLR schedule.
+
+    Returns:
+        The ``DeepSpeedEngine``; DeepSpeed steps the scheduler once per optimizer step.
+    """
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config,
+                                           lr_scheduler=scheduler)
+    return engine

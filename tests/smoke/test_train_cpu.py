@@ -1,0 +1,108 @@
+"""End to end on CPU: the real entry points produce the documented run directory, and final/ is a
+Hugging Face model that loads and generates."""
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import FAST, read_metrics, run_cmd, train_single
+
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_sec", "elapsed_s"}
+
+
+def check_run_dir(run_dir, *, grad_accum, steps=3):
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != "stdout.txt") == [
+        "config.yaml", "ds_config.json", "final", "metrics.jsonl"]
+    config_text = (run_dir / "config.yaml").read_text()
+    assert "${" not in config_text  # fully resolved
+    assert yaml.safe_load(config_text)["output_dir"] == str(run_dir)
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert "auto" not in json.dumps(ds) and ds["gradient_accumulation_steps"] == grad_accum
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for r in rows:
+        assert METRIC_KEYS <= r.keys()
+        assert r["loss"] > 0 and r["supervised_tokens"] > 0 and r["tokens"] >= r["supervised_tokens"]
+        assert r["grad_norm"] is not None and r["grad_norm"] > 0
+
+
+def check_final_generates(final):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (final / "model.safetensors").exists() and not (final.parent / "final.tmp").exists()
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_single_process_run(trained_runs):
+    run_dir = trained_runs("single_ga4", 0, [])
+    check_run_dir(run_dir, grad_accum=4)
+    check_final_generates(run_dir / "final")
+    assert "1 process(es), ZeRO-2" in (run_dir / "stdout.txt").read_text()
+
+
+def test_torchrun_two_process_zero2(trained_runs):
+    run_dir = trained_runs("torchrun2_ga2", 2, [])
+    check_run_dir(run_dir, grad_accum=2)
+    check_final_generates(run_dir / "final")
+    out = (run_dir / "stdout.txt").read_text()
+    assert "2 process(es), ZeRO-2" in out and f"run directory: {run_dir}" in out
+    assert out.count("step 3/3") == 1  # only rank 0 prints
+
+
+def test_launch_deepspeed_launcher_zero3(tmp_path):
+    run_dir = tmp_path / "ds"
+    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "launch=deepspeed", "parallelism=zero3", *FAST,
+                    f"output_dir={run_dir}"])
+    assert proc.stdout.splitlines()[0].split()[1:3] == ["--num_gpus", "2"]
+    check_run_dir(run_dir, grad_accum=2)
+    check_final_generates(run_dir / "final")
+    assert "ZeRO-3" in proc.stdout
+
+
+def test_launch_dry_run_pins_one_run_dir():
+    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", "train.lr=1e-4"])
+    argv = proc.stdout.strip().split()
+    assert argv[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert argv[-2] == "train.lr=1e-4" and argv[-1].startswith("output_dir=/")
+
+
+def test_launch_rejects_bad_config_before_starting():
+    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", "train.global_batch_size=nope"],
+                   check=False)
+    assert proc.returncode != 0 and "train.global_batch_size" in proc.stderr
+    assert "torch.distributed.run" not in proc.stdout
+
+
+def test_refuses_to_overwrite_an_earlier_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = train_single([*FAST, f"output_dir={tmp_path}"], check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr and "train.overwrite=true" in proc.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_bad_data_fails_before_the_model_is_built(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "no reply"}]}\n')
+    proc = train_single([*FAST, f"output_dir={tmp_path / 'run'}",
+                         f"data.sources=[{{name: mine, path: {bad}, format: messages}}]"], check=False)
+    assert proc.returncode != 0 and f"{bad}: record 0: no assistant turn" in proc.stderr
+    assert "process(es), ZeRO" not in proc.stdout  # the engine was never built
+
+
+def test_demo_training_loss_falls(tmp_path):
+    run_dir = tmp_path / "learn"
+    train_single(["train.max_steps=60", "train.warmup_steps=5", "train.max_length=128", "logging.log_every=20",
+                  f"output_dir={run_dir}"])
+    losses = [r["loss"] for r in read_metrics(run_dir)]
+    assert sum(losses[-10:]) / 10 < 0.35 * losses[0]

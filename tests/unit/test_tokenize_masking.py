@@ -1,0 +1,105 @@
+"""Masks are token-exact: hand-written expected labels on the demo tokenizer, and the property that the
+supervised tokens decode to exactly the assistant contents plus their end-of-turn token, on the demo
+tokenizer and on the real tokenizers in ../shared."""
+
+import pytest
+
+from sftdist.data import encode_conversation, encode_text
+from sftdist.data.tokenize import IGNORE_INDEX
+
+CONVERSATIONS = {
+    "single": [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],
+    "system": [{"role": "system", "content": "Keep every answer brief and exact."},
+               {"role": "user", "content": "What is the capital of Peru?"},
+               {"role": "assistant", "content": "The capital of Peru is Lima."}],
+    "multi": [{"role": "user", "content": 'Reverse the word "river".'},
+              {"role": "assistant", "content": 'Reversed: "revir".'},
+              {"role": "user", "content": "Sort these numbers: 9, 4, 7"},
+              {"role": "assistant", "content": "Sorted: 4, 7, 9."},
+              {"role": "user", "content": "Make this uppercase: quiet meadow"},
+              {"role": "assistant", "content": "Uppercase: QUIET MEADOW."}],
+}
+
+
+def supervised_spans(enc):
+    """Maximal runs of supervised positions as lists of token ids."""
+    spans, cur = [], []
+    for tok, lab in zip(enc["input_ids"], enc["labels"]):
+        if lab != IGNORE_INDEX:
+            assert lab == tok, "labels must equal input_ids where supervised"
+            cur.append(tok)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return spans + ([cur] if cur else [])
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_expected_labels_single_turn(demo_tokenizer):
+    tok = demo_tokenizer
+    enc = encode_conversation(tok, CONVERSATIONS["single"])
+    prompt = ids(tok, "<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n")
+    reply = ids(tok, "2 + 3 = 5.<|im_end|>")
+    newline = ids(tok, "\n")
+    assert enc["input_ids"] == prompt + reply + newline
+    assert enc["labels"] == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX] * len(newline)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_sequence_equals_apply_chat_template(demo_tokenizer, name):
+    msgs = CONVERSATIONS[name]
+    enc = encode_conversation(demo_tokenizer, msgs)
+    assert enc["input_ids"] == list(demo_tokenizer.apply_chat_template(msgs, tokenize=True)["input_ids"])
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_supervised_tokens_decode_to_assistant_contents_plus_eot(demo_tokenizer, name):
+    msgs = CONVERSATIONS[name]
+    spans = supervised_spans(encode_conversation(demo_tokenizer, msgs))
+    want = [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
+    assert [demo_tokenizer.decode(s) for s in spans] == want
+
+
+def test_train_on_last_and_all(demo_tokenizer):
+    msgs = CONVERSATIONS["multi"]
+    last = encode_conversation(demo_tokenizer, msgs, train_on="last")
+    assert [demo_tokenizer.decode(s) for s in supervised_spans(last)] == ["Uppercase: QUIET MEADOW.<|im_end|>"]
+    everything = encode_conversation(demo_tokenizer, msgs, train_on="all")
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_truncation_keeps_prefix(demo_tokenizer):
+    full = encode_conversation(demo_tokenizer, CONVERSATIONS["multi"])
+    cut = encode_conversation(demo_tokenizer, CONVERSATIONS["multi"], max_length=20)
+    assert cut["input_ids"] == full["input_ids"][:20] and cut["labels"] == full["labels"][:20]
+
+
+def test_encode_text_trains_every_token_and_ends_with_eos(demo_tokenizer):
+    enc = encode_text(demo_tokenizer, "A quiet village wakes early.")
+    assert enc["labels"] == enc["input_ids"]
+    assert enc["input_ids"][-1] == demo_tokenizer.eos_token_id
+    assert demo_tokenizer.decode(enc["input_ids"][:-1]) == "A quiet village wakes early."
+
+
+# Real tokenizers with their own chat templates: the end-of-turn string each template emits after a reply.
+REAL = {"qwen2": "<|im_end|>", "llama3.2-bpe": "<|eot_id|>", "mistral-v0.3-sentencepiece": "</s>",
+        "llama2-sentencepiece": "</s>"}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_tokenizer_masks(shared_dir, name):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / name)
+    # Llama-2/Mistral templates allow a system prompt only in some versions; use plain alternation.
+    msgs = CONVERSATIONS["multi"]
+    enc = encode_conversation(tok, msgs)
+    rendered = tok.apply_chat_template(msgs, tokenize=True)
+    assert enc["input_ids"] == list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    decoded = [tok.decode(s).strip() for s in supervised_spans(enc)]
+    for got, msg in zip(decoded, [m for m in msgs if m["role"] == "assistant"], strict=True):
+        assert got.startswith(msg["content"]), (got, msg["content"])
+        assert got[len(msg["content"]):].strip() == REAL[name], got  # nothing but the end-of-turn token
