@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,6 +13,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sftdist.config import LaunchConfig, SFTConfig, register_configs
+from sftdist.parallel import free_port
 
 
 def default_nproc() -> int:
@@ -38,8 +38,9 @@ def launcher_command(launch: LaunchConfig, overrides: list[str], *, nproc: int) 
             cmd += ["--nnodes", str(launch.nnodes), "--node_rank", str(launch.node_rank),
                     "--master_addr", launch.master_addr, "--master_port", str(launch.master_port)]
         return cmd + ["--nproc_per_node", str(nproc), "-m", "sftdist.train", *overrides]
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port",
-           str(launch.master_port)]
+    # The module form of the `deepspeed` script: works whether or not the venv's bin/ is on PATH.
+    port = launch.master_port if launch.nnodes > 1 else free_port()  # concurrent local runs never collide
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port)]
     if launch.nnodes > 1:
         # One launcher per node (e.g. one srun task per node), no ssh fan-out from a hostfile.
         cmd += ["--num_nodes", str(launch.nnodes), "--node_rank", str(launch.node_rank),

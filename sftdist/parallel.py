@@ -13,7 +13,8 @@ import torch.distributed as dist
 from sftdist.config import ParallelConfig, TrainConfig, grad_accum_steps
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this host right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +35,7 @@ def init_distributed() -> None:
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if has_gpu():
         torch.cuda.set_device(local_rank())
     import deepspeed

@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sftdist.checkpoint import check_run_dir, prepare_run_dir, save_final
-from sftdist.config import SFTConfig, grad_accum_steps, register_configs, validate
-from sftdist.data import TrainData, build_datasets
+from sftdist.config import ConfigError, SFTConfig, grad_accum_steps, register_configs, validate
+from sftdist.data import DataError, TrainData, build_datasets
 from sftdist.data.collate import collate
 from sftdist.data.loader import SampleSchedule
 from sftdist.logging import MetricsLogger, log
@@ -25,7 +25,7 @@ from sftdist.loss import backward_scale, token_loss_sum
 from sftdist.model import build_model, load_tokenizer
 from sftdist.optim import lr_multiplier, param_groups, warmup_steps
 from sftdist.parallel import (all_reduce_sum, broadcast_from_main, build_ds_config, device, has_gpu,
-                              init_distributed, rank, resolve_precision, world_size, wrap_with_deepspeed,
+                              init_distributed, is_main, rank, resolve_precision, world_size, wrap_with_deepspeed,
                               zero3_init_context)
 from sftdist.peft import apply_peft, trainable_summary
 
@@ -148,8 +148,12 @@ def run(cfg: SFTConfig) -> Path:
 
 @hydra.main(version_base=None, config_path="pkg://sftdist.conf", config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
-    cfg: SFTConfig = OmegaConf.to_object(raw)  # the DictConfig stops here: typed dataclasses from now on
-    run(cfg)
+    try:
+        cfg: SFTConfig = OmegaConf.to_object(raw)  # the DictConfig stops here: typed dataclasses from now on
+        run(cfg)
+    except (ConfigError, DataError) as e:
+        # A user mistake, not a crash: one clear line (from rank 0; every rank fails the same way).
+        sys.exit(f"sftdist: error: {e}" if is_main() else 2)
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ SHARED = REPO.parent / "shared"
 # Keep built-in demo assets out of the user's cache; subprocesses inherit this.
 os.environ.setdefault("SFTDIST_CACHE", str(REPO / ".pytest_cache" / "sftdist-assets"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 # Small and fast: a few optimizer steps of the tiny model on a slice of the demo data.
 FAST = ["train.max_steps=3", "train.micro_batch_size=2", "train.global_batch_size=8", "train.max_length=96",

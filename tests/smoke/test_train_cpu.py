@@ -63,7 +63,7 @@ def test_launch_deepspeed_launcher_zero3(tmp_path):
     run_dir = tmp_path / "ds"
     proc = run_cmd([sys.executable, "-m", "sftdist.launch", "launch=deepspeed", "parallelism=zero3", *FAST,
                     f"output_dir={run_dir}"])
-    assert proc.stdout.splitlines()[0].split()[1:3] == ["--num_gpus", "2"]
+    assert proc.stdout.splitlines()[0].split()[1:5] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
     check_run_dir(run_dir, grad_accum=2)
     check_final_generates(run_dir / "final")
     assert "ZeRO-3" in proc.stdout
@@ -106,3 +106,26 @@ def test_demo_training_loss_falls(tmp_path):
                   f"output_dir={run_dir}"])
     losses = [r["loss"] for r in read_metrics(run_dir)]
     assert sum(losses[-10:]) / 10 < 0.35 * losses[0]
+
+
+def test_wandb_offline_logs_every_metric_into_the_run_dir(tmp_path):
+    run_dir = tmp_path / "wb"
+    train_single([*FAST, "logging=wandb_offline", f"output_dir={run_dir}"])
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()
+    for key in METRIC_KEYS - {"step"}:
+        assert data.count(f"train/{key}".encode()) >= 3, key  # one record per step
+    assert len(read_metrics(run_dir)) == 3
+
+
+def test_lora_shares_the_loop_and_saves_trained_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "lora"
+    proc = train_single([*FAST, "peft=lora", "train.lr=1e-2", f"output_dir={run_dir}"])
+    assert "trainable" in proc.stdout and "(100.00%)" not in proc.stdout
+    adapter = load_file(run_dir / "final" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    # lora_B starts at zero: non-zero values prove the trained adapter was saved.
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+    assert not (run_dir / "final" / "model.safetensors").exists()
