@@ -14,7 +14,10 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 TRAIN_ON = ("assistant", "last", "all")
-FORMATS = ("messages", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+MIX_BY = ("samples", "tokens")
+TRUNCATION = ("truncate", "drop")
+ON_BAD_RECORD = ("error", "skip")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -61,15 +64,25 @@ class ModelConfig:
 class DataSource:
     """One data set in the training mix."""
 
-    name: str = "???"  # short id used in logs and metrics
-    path: str = "???"  # local file (.jsonl/.json) or "builtin:demo_chat" / "builtin:demo_generic"
-    format: str = "messages"  # messages (chat) | text (plain documents, every token trained)
-    weight: float = 1.0  # relative share of training samples drawn from this source
+    name: str = "???"  # short id used in logs and metrics (loss/<name>)
+    path: str = "???"  # file or folder (.jsonl .json .parquet .csv .txt), HF hub dataset id, or builtin:NAME
+    format: str = "messages"  # messages | sharegpt | alpaca | prompt_completion | text (every token trained)
+    columns: Dict[str, str] = field(default_factory=dict)  # canonical field -> column, e.g. {messages: chat}
+    weight: float = 1.0  # relative share of the mix, in samples or supervised tokens (data.mix_by)
     max_samples: Optional[int] = None  # use at most this many records
+    split: str = "train"  # hub datasets: which split
+    config: Optional[str] = None  # hub datasets: configuration name
+    revision: Optional[str] = None  # hub datasets: branch, tag or commit
+    eval_fraction: float = 0.0  # hold out this fraction of records (chosen by train.seed) for eval
+    eval_path: Optional[str] = None  # or evaluate on this separate file
 
     def __post_init__(self) -> None:
         _check_choice(f"data.sources[{self.name}].format", self.format, FORMATS)
         _check_positive(f"data.sources[{self.name}].weight", self.weight, allow_zero=True)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.sources[{self.name}].eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.eval_fraction and self.eval_path:
+            raise ConfigError(f"data.sources[{self.name}]: set eval_fraction or eval_path, not both")
 
 
 @dataclass
@@ -78,9 +91,21 @@ class DataConfig:
 
     sources: List[DataSource] = field(default_factory=list)
     train_on: str = "assistant"  # assistant (every assistant turn) | last (final assistant turn) | all
+    mix_by: str = "samples"  # weights share out samples | supervised tokens
+    packing: bool = False  # pack samples into train.max_length rows (no attention across samples)
+    truncation: str = "truncate"  # over-length samples: truncate | drop
+    on_bad_record: str = "error"  # error (stop, naming file and record) | skip (count per reason)
+    audit_samples: int = 32  # records per source whose masks are audited before training (0 = off)
+    num_proc: int = 0  # tokenisation processes; 0 = one per CPU core, up to 8
+    cache_dir: Optional[str] = None  # tokenised-data cache; default $SFTDIST_CACHE/data
 
     def __post_init__(self) -> None:
         _check_choice("data.train_on", self.train_on, TRAIN_ON)
+        _check_choice("data.mix_by", self.mix_by, MIX_BY)
+        _check_choice("data.truncation", self.truncation, TRUNCATION)
+        _check_choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
+        _check_positive("data.audit_samples", self.audit_samples, allow_zero=True)
+        _check_positive("data.num_proc", self.num_proc, allow_zero=True)
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: names must be unique, got {names}")
@@ -149,7 +174,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     micro_batch_size: int = 1  # sequences per forward/backward on one rank
     global_batch_size: int = 8  # sequences per optimizer step over all ranks
-    max_length: int = 2048  # tokens per sequence; longer samples are truncated
+    max_length: int = 2048  # tokens per sequence (per packed row with data.packing)
+    eval_every: int = 0  # optimizer steps between eval passes (0 = only after the last step)
     seed: int = 42
     overwrite: bool = False  # allow writing into an output_dir that already holds a run
 
@@ -159,6 +185,7 @@ class TrainConfig:
         _check_positive("train.micro_batch_size", self.micro_batch_size)
         _check_positive("train.global_batch_size", self.global_batch_size)
         _check_positive("train.max_length", self.max_length)
+        _check_positive("train.eval_every", self.eval_every, allow_zero=True)
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"train.max_steps={self.max_steps} must be > 0, or -1 to use train.epochs")
@@ -254,6 +281,18 @@ def validate(cfg: SFTConfig, *, dp_world: int, has_gpu: bool) -> None:
 def grad_accum_steps(train: TrainConfig, dp_world: int) -> int:
     """Micro-batches each rank runs per optimizer step: global / (micro x data-parallel world)."""
     return train.global_batch_size // (train.micro_batch_size * dp_world)
+
+
+def compose_config(overrides: list[str]) -> SFTConfig:
+    """The typed config that ``python -m sftdist.train overrides...`` would run with (for the CLIs that
+    are not Hydra apps themselves: sftdist-launch, sftdist-prepare, sftdist-data)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_module(config_module="sftdist.conf", version_base=None):
+        raw = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(raw)
 
 
 def register_configs() -> None:

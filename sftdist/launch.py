@@ -9,10 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
-
-from sftdist.config import LaunchConfig, SFTConfig, register_configs
+from sftdist.config import LaunchConfig, SFTConfig, compose_config
 from sftdist.parallel import free_port
 
 
@@ -51,10 +48,7 @@ def launcher_command(launch: LaunchConfig, overrides: list[str], *, nproc: int) 
 def resolve_launch(overrides: list[str]) -> tuple[SFTConfig, list[str]]:
     """Compose and type-check the config (failing here, before any process starts), and pin
     ``output_dir`` to an absolute path so every rank and node writes to the same run directory."""
-    register_configs()
-    with initialize_config_module(config_module="sftdist.conf", version_base=None):
-        raw = compose(config_name="config", overrides=overrides)
-    cfg: SFTConfig = OmegaConf.to_object(raw)
+    cfg = compose_config(overrides)
     run_dir = str(Path(cfg.output_dir).absolute())
     pinned = [o for o in overrides if not o.lstrip("+~").startswith("output_dir=")] + [f"output_dir={run_dir}"]
     return cfg, pinned

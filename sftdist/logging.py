@@ -20,10 +20,16 @@ def log(msg: str) -> None:
         print(f"[sftdist {time.time() - _START:7.1f}s] {msg}", file=sys.stdout, flush=True)
 
 
+def wandb_key(key: str) -> str:
+    """W&B name of a metrics.jsonl key: ``eval_loss/x`` -> ``eval/loss/x``, ``loss/x`` -> ``train/loss/x``."""
+    return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+
+
 class MetricsLogger:
     """Writes one JSON object per optimizer step to ``metrics.jsonl`` and mirrors it to W&B.
 
-    Flat keys (``loss``, ``lr``, ...) go to the file; W&B gets them under ``train/``. Off rank 0 every
+    Flat keys (``loss``, ``lr``, ``loss/<source>``, ``eval_loss``, ...) go to the file; W&B gets them under
+    ``train/`` and ``eval/`` (see ``wandb_key``). Off rank 0 every
     method is a no-op, so callers need no rank checks.
 
     Args:
@@ -51,7 +57,8 @@ class MetricsLogger:
         self._file.write(json.dumps(metrics) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+            self._wandb.log({wandb_key(k): v for k, v in metrics.items() if k != "step" and v is not None},
+                            step=metrics["step"])
 
     def close(self) -> None:
         if self._file:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, Optional
+from datetime import timedelta
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,37 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+T = TypeVar("T")
+_SLOW_GROUP = None
+
+
+def local_main_first(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on local rank 0 of every node first, then on the other ranks (which then find its cache).
+
+    The waiting ranks block in a collective on a dedicated gloo group whose timeout is a day, so a long
+    tokenisation cannot trip the NCCL/gloo timeouts of the training process group. If ``fn`` fails on a
+    node's first rank, every rank raises the same error.
+    """
+    global _SLOW_GROUP
+    if not dist.is_initialized() or world_size() == 1:
+        return fn()
+    if _SLOW_GROUP is None:
+        _SLOW_GROUP = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+    error: Optional[BaseException] = None
+    result = None
+    if local_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below on every rank, after everyone has heard of it
+            error = e
+    errors: list = [None] * world_size()
+    dist.all_gather_object(errors, error, group=_SLOW_GROUP)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return result if local_rank() == 0 else fn()
 
 
 def barrier() -> None:

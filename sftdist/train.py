@@ -17,15 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from sftdist.checkpoint import check_run_dir, prepare_run_dir, save_final
 from sftdist.config import ConfigError, SFTConfig, grad_accum_steps, register_configs, validate
-from sftdist.data import DataError, TrainData, build_datasets
-from sftdist.data.collate import collate
+from sftdist.data import (IGNORE_INDEX, DataError, TrainData, build_datasets, build_schedule, mix_report,
+                          prepare_all)
+from sftdist.data.collate import collate, collate_packed
 from sftdist.data.loader import SampleSchedule
 from sftdist.logging import MetricsLogger, log
-from sftdist.loss import backward_scale, token_loss_sum
+from sftdist.loss import backward_scale, per_source_sums, supervised_token_losses
 from sftdist.model import build_model, load_tokenizer
 from sftdist.optim import lr_multiplier, param_groups, warmup_steps
 from sftdist.parallel import (all_reduce_sum, broadcast_from_main, build_ds_config, device, has_gpu,
-                              init_distributed, is_main, rank, resolve_precision, world_size, wrap_with_deepspeed,
+                              init_distributed, is_main, local_main_first, rank, resolve_precision, world_size, wrap_with_deepspeed,
                               zero3_init_context)
 from sftdist.peft import apply_peft, trainable_summary
 
@@ -41,60 +42,134 @@ class LoopResult:
     seconds: float
 
 
+def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: int, *, packed: bool,
+               split: str = "train") -> dict[str, torch.Tensor]:
+    """Collate sequences of ``(source, record)`` samples: one sample per row, or packed rows."""
+    rows = [[data.get(s, i, split) for s, i in seq] for seq in sequences]
+    return collate_packed(rows, pad_id) if packed else collate([r[0] for r in rows], pad_id)
+
+
+def forward_logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a collated batch.
+
+    Packed batches carry no attention_mask: transformers builds block-diagonal masks from the restarting
+    position ids (sdpa/eager). Flash attention reads sample boundaries from position ids only for a batch
+    of one row, so packed rows are flattened into one row there and the logits reshaped back.
+    """
+    if "attention_mask" in batch:
+        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"]).logits
+    rows, width = batch["input_ids"].shape
+    if engine.module.config._attn_implementation.startswith("flash"):
+        logits = engine(input_ids=batch["input_ids"].view(1, -1), position_ids=batch["position_ids"].view(1, -1)).logits
+        return logits.view(rows, width, -1)
+    return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+
+
+def per_source_metrics(prefix: str, names: list[str], sums: list[float]) -> dict[str, float]:
+    """``{loss/<name>: ..., supervised_tokens/<name>: ...}`` (``eval_`` versions for prefix ``eval_loss``)
+    from a ``per_source_sums`` vector summed over ranks."""
+    out = {}
+    for i, name in enumerate(names):
+        count = sums[len(names) + i]
+        out[f"{prefix}/{name}"] = sums[i] / count if count else None
+        out[f"{prefix.removesuffix('loss')}supervised_tokens/{name}"] = int(count)
+    return out
+
+
+def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int) -> dict[str, float]:
+    """Token-weighted loss on every source's eval split, overall and per source.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively), padding
+    its share with a masked-out repeat of a record when the split does not divide evenly.
+    """
+    rank_, world, dev = rank(), world_size(), device()
+    names, num = data.names, len(data.sources)
+    sums = torch.zeros(2 * num, dtype=torch.float64, device=dev)
+    samples = [(s, i) for s, src in enumerate(data.sources) if src.eval is not None for i in range(len(src.eval))]
+    per_rank = -(-len(samples) // world)
+    mine = samples[rank_ * per_rank:(rank_ + 1) * per_rank]
+    mine += [None] * (per_rank - len(mine))  # placeholders keep forward counts equal across ranks
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, per_rank, micro_batch_size):
+            chunk = mine[start:start + micro_batch_size]
+            batch = make_batch(data, [[c or samples[0]] for c in chunk], pad_id, packed=False, split="eval")
+            batch["targets"][[i for i, c in enumerate(chunk) if c is None]] = IGNORE_INDEX
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            losses, mask = supervised_token_losses(forward_logits(engine, batch), batch["targets"])
+            sums += per_source_sums(losses, batch["token_source"][mask], num)
+    engine.train()
+    totals = all_reduce_sum(sums.tolist())
+    loss = sum(totals[:num]) / max(sum(totals[num:]), 1)
+    return {"eval_loss": loss, **per_source_metrics("eval_loss", names, totals)}
+
+
 def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, max_steps: int, micro_batch_size: int,
-               pad_id: int, metrics: MetricsLogger, log_every: int) -> LoopResult:
+               pad_id: int, packed: bool, metrics: MetricsLogger, log_every: int, eval_every: int) -> LoopResult:
     """Run ``max_steps`` optimizer steps.
 
     Each step: fetch this rank's micro-batches, count the supervised tokens of the whole step over all
-    ranks (one all-reduce), then forward / token-summed loss / backward per micro-batch, scaled so the
-    gradient is that of the mean over every supervised token in the step.
+    ranks (one all-reduce), then forward / token losses / backward per micro-batch, scaled so the gradient
+    is that of the mean over every supervised token in the step.
     """
-    rank_, world = rank(), world_size()
+    rank_, world, dev = rank(), world_size(), device()
     grad_accum = engine.gradient_accumulation_steps()
-    dev = device()
+    num_sources = len(data.sources)
+    has_eval = any(s.eval is not None for s in data.sources)
     losses: list[float] = []
     total_tokens, start = 0, time.time()
     for step in range(max_steps):
         step_start = time.time()
         # 1. This step's micro-batches, and the step's global supervised-token count (needed before backward).
-        micro_batches = [collate([data.get(s, i) for s, i in mb], pad_id)
+        micro_batches = [make_batch(data, mb, pad_id, packed=packed)
                          for mb in schedule.micro_batches(step, rank_, world, micro_batch_size)]
-        local_supervised = sum(int((b["targets"] != -100).sum()) for b in micro_batches)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        local_supervised = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        local_tokens = sum(int((b["token_source"] >= 0).sum()) for b in micro_batches)
         global_supervised, global_tokens = all_reduce_sum([local_supervised, local_tokens])
         scale = backward_scale(int(global_supervised), grad_accum, world)
         lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler advances inside step()
 
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        sums = torch.zeros(2 * num_sources, dtype=torch.float64, device=dev)
         for batch in micro_batches:
             batch = {k: v.to(dev) for k, v in batch.items()}
-            # 2. forward; 3. token-summed loss
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            micro_loss_sum, _ = token_loss_sum(logits, batch["targets"])
+            # 2. forward; 3. per-token losses of the supervised positions
+            token_losses, mask = supervised_token_losses(forward_logits(engine, batch), batch["targets"])
             # 4. backward, scaled to a per-supervised-token mean over the whole step
-            engine.backward(micro_loss_sum * scale)
+            engine.backward(token_losses.sum() * scale)
             # 5. DeepSpeed counts micro-steps inside step() and updates only at the accumulation boundary.
             engine.step()
-            loss_sum += micro_loss_sum.detach().double()
+            sums += per_source_sums(token_losses, batch["token_source"][mask], num_sources)
 
         # 6. log: the step's loss is its summed token loss over all ranks divided by its supervised tokens.
-        (global_loss_sum,) = all_reduce_sum([loss_sum.item()])
-        loss = global_loss_sum / max(global_supervised, 1)
+        totals = all_reduce_sum(sums.tolist())
+        loss = sum(totals[:num_sources]) / max(global_supervised, 1)
         grad_norm = engine.get_global_grad_norm()
         total_tokens += int(global_tokens)
         losses.append(loss)
         elapsed = time.time() - start
-        metrics.write({
-            "step": step + 1, "loss": loss, "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens": int(global_tokens), "supervised_tokens": int(global_supervised),
-            "tokens_per_sec": global_tokens / max(time.time() - step_start, 1e-9), "elapsed_s": elapsed,
-        })
-        if (step + 1) % log_every == 0 or step + 1 == max_steps:
-            log(f"step {step + 1}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"grad_norm {float(grad_norm or 0):.3f}  tok/s {total_tokens / elapsed:,.0f}")
+        row = {"step": step + 1, "loss": loss, "lr": lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tokens": int(global_tokens), "supervised_tokens": int(global_supervised),
+               "tokens_per_sec": global_tokens / max(time.time() - step_start, 1e-9), "elapsed_s": elapsed,
+               **per_source_metrics("loss", data.names, totals)}
+        last = step + 1 == max_steps
+        if has_eval and ((eval_every and (step + 1) % eval_every == 0) or last):
+            row |= evaluate(engine, data, micro_batch_size=micro_batch_size, pad_id=pad_id)
+        metrics.write(row)
+        if (step + 1) % log_every == 0 or last:
+            log(f"step {step + 1}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm or 0):.3f}"
+                f"  tok/s {total_tokens / elapsed:,.0f}" + (f"  eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
         # 7. stop checks: the run length is max_steps (derived from train.epochs when max_steps=-1).
     return LoopResult(max_steps, losses[0], losses[-1], total_tokens, time.time() - start)
+
+
+def log_data_report(data: TrainData, schedule: SampleSchedule) -> None:
+    for r in mix_report(data, schedule):
+        skipped = {k: v for k, v in r["statuses"].items() if k != "ok"}
+        log(f"data {r['source']}: {r['kept']}/{r['records']} records kept {skipped or ''}; per epoch "
+            f"{r['samples_per_epoch']} samples = {r['sample_share']:.1%} of samples, "
+            f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited")
 
 
 def run(cfg: SFTConfig) -> Path:
@@ -106,37 +181,36 @@ def run(cfg: SFTConfig) -> Path:
     check_run_dir(run_dir, overwrite=cfg.train.overwrite)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = build_datasets(cfg.data, tokenizer, max_length=cfg.train.max_length)
-    for s in data.stats:
-        log(f"data {s['source']}: {s['records']} records, {s['tokens']:,} tokens, "
-            f"{s['supervised_tokens']:,} supervised, {s['truncated']} truncated, "
-            f"{s['dropped_no_target']} dropped")
-    schedule = SampleSchedule([len(e) for e in data.examples], data.weights, cfg.train.seed,
-                              cfg.train.global_batch_size)
-    max_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else schedule.steps_for_epochs(cfg.train.epochs)
+    t = cfg.train
+    dirs = local_main_first(lambda: prepare_all(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed))
+    data = build_datasets(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed, dirs=dirs)
+    schedule = build_schedule(data, cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
+                              max_length=t.max_length)
+    log_data_report(data, schedule)
+    max_steps = t.max_steps if t.max_steps > 0 else schedule.steps_for_epochs(t.epochs)
 
     precision = resolve_precision(cfg.parallelism.precision, gpu=gpu)
-    ds_config = build_ds_config(cfg.parallelism, cfg.train, dp_world=world, precision=precision, gpu=gpu)
+    ds_config = build_ds_config(cfg.parallelism, t, dp_world=world, precision=precision, gpu=gpu)
     cfg.output_dir = str(run_dir)
-    prepare_run_dir(run_dir, overwrite=cfg.train.overwrite, config_yaml=OmegaConf.to_yaml(cfg),
-                    ds_config=ds_config)
+    prepare_run_dir(run_dir, overwrite=t.overwrite, config_yaml=OmegaConf.to_yaml(cfg), ds_config=ds_config)
 
     zero3_ctx = zero3_init_context(ds_config)  # noqa: F841  (must outlive model construction)
     model = build_model(cfg.model, tokenizer, precision=precision,
-                        activation_checkpointing=cfg.parallelism.activation_checkpointing, seed=cfg.train.seed)
+                        activation_checkpointing=cfg.parallelism.activation_checkpointing, seed=t.seed)
     model = apply_peft(model, cfg.peft)
-    warmup = warmup_steps(cfg.train, max_steps)
+    warmup = warmup_steps(t, max_steps)
     engine = wrap_with_deepspeed(
-        model, param_groups(model, cfg.train.weight_decay), ds_config,
-        lambda s: lr_multiplier(s, max_steps=max_steps, warmup=warmup, schedule=cfg.train.schedule,
-                                min_lr_ratio=cfg.train.min_lr_ratio))
+        model, param_groups(model, t.weight_decay), ds_config,
+        lambda s: lr_multiplier(s, max_steps=max_steps, warmup=warmup, schedule=t.schedule,
+                                min_lr_ratio=t.min_lr_ratio))
     log(f"{world} process(es), ZeRO-{cfg.parallelism.zero_stage}, {precision}, "
-        f"grad accumulation {grad_accum_steps(cfg.train, world)}, {max_steps} steps; {trainable_summary(model)}")
+        f"grad accumulation {grad_accum_steps(t, world)}, {max_steps} steps; {trainable_summary(model)}")
 
     metrics = MetricsLogger(run_dir, cfg.logging, cfg.run_name or run_dir.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)))
-    result = train_loop(engine, data, schedule, max_steps=max_steps, micro_batch_size=cfg.train.micro_batch_size,
-                        pad_id=tokenizer.pad_token_id, metrics=metrics, log_every=cfg.logging.log_every)
+    result = train_loop(engine, data, schedule, max_steps=max_steps, micro_batch_size=t.micro_batch_size,
+                        pad_id=tokenizer.pad_token_id, packed=cfg.data.packing, metrics=metrics,
+                        log_every=cfg.logging.log_every, eval_every=t.eval_every)
     final = save_final(engine, tokenizer, run_dir)
     metrics.close()
     log(f"done: {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "

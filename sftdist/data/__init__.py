@@ -1,96 +1,106 @@
-"""The data stage's single entry point: load every source of the mix, validate, tokenize and mask it.
+"""The data stage's single entry point: every source of the mix, read, validated, tokenised, masked,
+cached and audited; then the mixed, optionally packed sample schedule.
 
-Public names: ``build_datasets`` (config -> tokenized examples) and the pure functions it is made of,
-``encode_conversation`` and ``encode_text``.
+Public names: ``build_datasets`` (config -> ``TrainData``), ``build_schedule`` and the pure functions they are
+made of, ``encode_conversation`` and ``encode_text``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
-from sftdist.config import DataConfig, DataSource
-from sftdist.data.demo import resolve_builtin
-from sftdist.data.messages import DataError, to_messages, to_text
+from sftdist.config import DataConfig
+from sftdist.data.audit import audit_source
+from sftdist.data.loader import SampleSchedule, mix_counts
+from sftdist.data.messages import DataError
+from sftdist.data.prepare import prepare_source
 from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_conversation, encode_text
 
-__all__ = ["DataError", "MaskError", "TrainData", "build_datasets", "encode_conversation", "encode_text",
-           "load_records"]
+__all__ = ["DataError", "IGNORE_INDEX", "MaskError", "SourceData", "TrainData", "build_datasets", "build_schedule", "mix_report",
+           "encode_conversation", "encode_text", "prepare_all"]
+
+
+@dataclass
+class SourceData:
+    """One source after the data stage."""
+
+    name: str
+    weight: float
+    format: str
+    train: Any  # datasets.Dataset: input_ids, labels, num_tokens, num_supervised, where
+    eval: Optional[Any]
+    stats: dict
 
 
 @dataclass
 class TrainData:
-    """Tokenized examples per source, plus what was done to them."""
+    """Every source of the mix, ready to sample from."""
 
-    names: list[str]
-    weights: list[float]
-    examples: list[list[dict]]  # examples[source][record] = {"input_ids", "labels"}
-    stats: list[dict] = field(default_factory=list)  # per source: records, truncated, dropped, tokens
+    sources: list[SourceData]
 
-    def get(self, source: int, record: int) -> dict:
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def get(self, source: int, record: int, split: str = "train") -> dict:
         """The example at ``(source, record)``, tagged with its source id."""
-        return {**self.examples[source][record], "source": source}
+        row = getattr(self.sources[source], split)[record]
+        return {"input_ids": row["input_ids"], "labels": row["labels"], "source": source}
 
 
-def load_records(source: DataSource) -> list[dict]:
-    """Read one source's records with ``datasets``.
+def prepare_all(cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> list[Path]:
+    """Build (or find) the cache entry of every source; returns their directories in config order."""
+    return [prepare_source(s, cfg, tokenizer, max_length=max_length, seed=seed) for s in cfg.sources]
+
+
+def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
+                   dirs: Optional[list[Path]] = None) -> TrainData:
+    """Load every source from the cache (building it when ``dirs`` is not given) and audit the masks.
 
     Raises:
-        DataError: naming the source and file when it is missing or unreadable.
+        DataError: naming the source, file and record of a bad record (``data.on_bad_record=error``) or of
+            a record whose masks fail the audit.
     """
-    path = resolve_builtin(source.path)
-    if not Path(path).exists():
-        raise DataError(f"data source {source.name!r}: file not found: {path}")
-    if not path.endswith((".jsonl", ".json")):
-        raise DataError(f"data source {source.name!r}: {path}: expected a .jsonl or .json file")
     import datasets
 
-    try:
-        ds = datasets.load_dataset("json", data_files=path, split="train")
-    except Exception as e:  # datasets wraps JSON errors in several exception types
-        raise DataError(f"data source {source.name!r}: cannot read {path}: {e}") from e
-    rows = ds.to_list()
-    return rows[: source.max_samples] if source.max_samples is not None else rows
+    dirs = dirs or prepare_all(cfg, tokenizer, max_length=max_length, seed=seed)
+    sources = []
+    for source, d in zip(cfg.sources, dirs):
+        stats = json.loads((d / "stats.json").read_text())
+        if stats["kept"] == 0:
+            raise DataError(f"data source {source.name!r}: no usable record out of {stats['records']} "
+                            f"({stats['statuses']})", "empty_source")
+        stats["audited"] = audit_source(source, tokenizer, train_on=cfg.train_on, samples=cfg.audit_samples, seed=seed)
+        train = datasets.load_from_disk(str(d / "train"))
+        evaluation = datasets.load_from_disk(str(d / "eval")) if (d / "eval").exists() else None
+        sources.append(SourceData(source.name, source.weight, source.format, train, evaluation, stats))
+    return TrainData(sources)
 
 
-def _encode(source: DataSource, row: dict, where: str, tokenizer, train_on: str) -> dict:
-    if source.format == "text":
-        return encode_text(tokenizer, to_text(row, where))
-    try:
-        return encode_conversation(tokenizer, to_messages(row, where), tools=row.get("tools"), train_on=train_on)
-    except MaskError as e:
-        raise DataError(f"{where}: {e} (tokenizer {tokenizer.name_or_path!r})") from e
+def build_schedule(data: TrainData, cfg: DataConfig, *, seed: int, global_batch_size: int,
+                   max_length: int) -> SampleSchedule:
+    """The mixed (and, with ``data.packing``, packed) sample order of the whole run."""
+    sizes = [len(s.train) for s in data.sources]
+    mean_supervised = [s.stats["supervised_tokens"] / max(len(s.train), 1) for s in data.sources]
+    counts = mix_counts(sizes, [s.weight for s in data.sources], mix_by=cfg.mix_by, mean_supervised=mean_supervised)
+    lengths = [s.train["num_tokens"] for s in data.sources] if cfg.packing else None
+    return SampleSchedule(sizes, counts, seed, global_batch_size, lengths=lengths,
+                          max_length=max_length if cfg.packing else None)
 
 
-def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int) -> TrainData:
-    """Load, validate, tokenize and mask every source of the mix.
-
-    Samples longer than ``max_length`` are truncated; those left with no trained token are dropped. Both
-    are counted in ``stats``.
-
-    Raises:
-        DataError: naming the source, file and record of the first bad record.
-    """
-    names, weights, examples, stats = [], [], [], []
-    for source in cfg.sources:
-        path = resolve_builtin(source.path)
-        encoded, truncated, dropped, tokens, supervised = [], 0, 0, 0, 0
-        for i, row in enumerate(load_records(source)):
-            ex = _encode(source, row, f"{path}: record {i}", tokenizer, cfg.train_on)
-            if len(ex["input_ids"]) > max_length:
-                truncated += 1
-                ex = {k: v[:max_length] for k, v in ex.items()}
-            if all(t == IGNORE_INDEX for t in ex["labels"][1:]):
-                dropped += 1  # truncation cut away every trained token; counted and reported, not trained
-                continue
-            tokens += len(ex["input_ids"])
-            supervised += sum(t != IGNORE_INDEX for t in ex["labels"][1:])
-            encoded.append(ex)
-        if not encoded:
-            raise DataError(f"data source {source.name!r}: {path} has no records")
-        names.append(source.name)
-        weights.append(source.weight)
-        examples.append(encoded)
-        stats.append({"source": source.name, "records": len(encoded), "truncated": truncated,
-                      "dropped_no_target": dropped, "tokens": tokens, "supervised_tokens": supervised})
-    return TrainData(names, weights, examples, stats)
+def mix_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
+    """Per source: records read and kept, what happened to the others, and the realised mix of the first
+    epoch (samples drawn, and shares of samples and of supervised tokens)."""
+    supervised = [s.train["num_supervised"] for s in data.sources]
+    drawn, tokens = [0] * len(data.sources), [0] * len(data.sources)
+    for seq in schedule.epoch(0):
+        for src, i in seq:
+            drawn[src] += 1
+            tokens[src] += supervised[src][i]
+    return [{"source": src.name, "records": src.stats["records"], "kept": src.stats["kept"],
+             "statuses": src.stats["statuses"], "samples_per_epoch": drawn[s],
+             "sample_share": drawn[s] / max(sum(drawn), 1), "supervised_token_share": tokens[s] / max(sum(tokens), 1),
+             "audited": src.stats.get("audited", 0)} for s, src in enumerate(data.sources)]

@@ -4,6 +4,9 @@ Masks come from token spans, never from string prefixes: for assistant turn ``i`
 of ``messages[:i]`` with the generation prompt, and the turn ends where the render of ``messages[:i+1]``
 ends, minus trailing whitespace that the template puts after its end-of-turn token. Both renders must be
 token-prefixes of the full conversation; a template for which that fails raises instead of mis-masking.
+The one tolerated exception is a template that rewrites history (e.g. drops the ``<think>`` block of
+earlier turns): an earlier turn whose text changes once later turns follow is left unsupervised, and the
+final turn, rendered exactly as at inference, is trained.
 """
 
 from __future__ import annotations
@@ -17,11 +20,37 @@ class MaskError(ValueError):
     """The chat template renders a conversation inconsistently, so no exact mask exists."""
 
 
-def _render(tokenizer, messages, tools, add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+def _render_text(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
     # apply_chat_template(tokenize=True) tokenizes the rendered text without adding special tokens; so do we.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def trained_turns(messages: list[dict[str, Any]], train_on: str) -> list[int]:
+    """Indices of the assistant messages whose replies are supervised.
+
+    ``train_on`` picks every assistant turn or only the last one; a message's own ``train`` flag (from a
+    record's ``train`` or ``loss_weight``) overrides that choice.
+
+    Example:
+        >>> msgs = [{"role": "user"}, {"role": "assistant"}, {"role": "user"}, {"role": "assistant", "train": False}]
+        >>> trained_turns(msgs, "assistant"), trained_turns(msgs, "last")
+        ([1], [])
+    """
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    default = set(assistant if train_on != "last" else assistant[-1:])
+    for i, m in enumerate(messages):
+        if m.get("train") and m["role"] != "assistant":
+            raise MaskError(f"message {i} ({m['role']}) sets train/loss_weight=1; only assistant turns can be trained")
+    return [i for i in assistant if _wants_training(messages[i], i in default)]
+
+
+def _wants_training(message: dict[str, Any], default: bool) -> bool:
+    return default if message.get("train") is None else bool(message["train"])
 
 
 def _turn_end(tokenizer, ids: list[int], start: int) -> int:
@@ -61,19 +90,28 @@ def encode_conversation(tokenizer, messages: list[dict[str, Any]], *, tools: Opt
         MaskError: if the template's renders of a conversation prefix are not token prefixes of the
             whole conversation.
     """
-    full = _render(tokenizer, messages, tools, add_generation_prompt=False)
+    full_text = _render_text(tokenizer, messages, tools, add_generation_prompt=False)
+    full = _tokens(tokenizer, full_text)
     if train_on == "all":
         labels = list(full)
     else:
         labels = [IGNORE_INDEX] * len(full)
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        for i in turns if train_on == "assistant" else turns[-1:]:
-            prompt = _render(tokenizer, messages[:i], tools, add_generation_prompt=True)
-            upto = _render(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
+        turns = trained_turns(messages, train_on)
+        for i in turns:
+            prompt = _tokens(tokenizer, _render_text(tokenizer, messages[:i], tools, add_generation_prompt=True))
+            upto_text = _render_text(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
+            upto = _tokens(tokenizer, upto_text)
             end = _turn_end(tokenizer, upto, len(prompt))
-            if upto[: len(prompt)] != prompt or full[:end] != upto[:end]:
-                raise MaskError(f"chat template is not prefix-stable at assistant turn {i}: rendering the "
-                                f"conversation up to that turn does not give a token prefix of the whole")
+            if upto[: len(prompt)] != prompt:
+                raise MaskError(f"the generation prompt before assistant turn {i} is not a token prefix of the "
+                                f"rendered turn")
+            if full[:end] != upto[:end]:
+                if i != turns[-1] and not full_text.startswith(upto_text.rstrip()):
+                    # The template rewrites history (e.g. drops earlier <think> blocks): this turn is
+                    # rendered differently once later turns follow, so it cannot be supervised in place.
+                    continue
+                raise MaskError(f"rendering up to assistant turn {i} is not a token prefix of the whole "
+                                f"conversation (tokens merge across the turn boundary)")
             labels[len(prompt):end] = full[len(prompt):end]
     if max_length is not None:
         full, labels = full[:max_length], labels[:max_length]

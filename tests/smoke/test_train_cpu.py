@@ -27,6 +27,13 @@ def check_run_dir(run_dir, *, grad_accum, steps=3):
         assert METRIC_KEYS <= r.keys()
         assert r["loss"] > 0 and r["supervised_tokens"] > 0 and r["tokens"] >= r["supervised_tokens"]
         assert r["grad_norm"] is not None and r["grad_norm"] > 0
+        # Per-source losses and counts add up to the step's totals.
+        per_source = [(r[f"loss/{s}"], r[f"supervised_tokens/{s}"]) for s in ("demo_chat", "demo_generic")]
+        assert sum(n for _, n in per_source) == r["supervised_tokens"]
+        assert sum(loss * n for loss, n in per_source if n) == pytest.approx(r["loss"] * r["supervised_tokens"])
+    # The demo holds out eval splits: the last step carries the eval losses.
+    assert rows[-1]["eval_loss"] > 0 and rows[-1]["eval_loss/demo_generic"] > 0
+    assert "eval_loss" not in rows[0] or steps == 1
 
 
 def check_final_generates(final):
@@ -96,7 +103,7 @@ def test_bad_data_fails_before_the_model_is_built(tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "no reply"}]}\n')
     proc = train_single([*FAST, f"output_dir={tmp_path / 'run'}",
                          f"data.sources=[{{name: mine, path: {bad}, format: messages}}]"], check=False)
-    assert proc.returncode != 0 and f"{bad}: record 0: no assistant turn" in proc.stderr
+    assert proc.returncode != 0 and f"{bad}: line 1: no assistant turn" in proc.stderr
     assert "process(es), ZeRO" not in proc.stdout  # the engine was never built
 
 
@@ -129,3 +136,26 @@ def test_lora_shares_the_loop_and_saves_trained_adapter(tmp_path):
     # lora_B starts at zero: non-zero values prove the trained adapter was saved.
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
     assert not (run_dir / "final" / "model.safetensors").exists()
+
+
+def test_packed_run_and_per_source_metrics(tmp_path):
+    run_dir = tmp_path / "packed"
+    proc = train_single([*FAST, "data.packing=true", "data.mix_by=tokens", f"output_dir={run_dir}"])
+    check_run_dir(run_dir, grad_accum=4)
+    assert "of supervised tokens" in proc.stdout  # the realised mix is reported at start
+    rows = read_metrics(run_dir)
+    # Packed rows of up to 96 tokens hold several samples: more tokens per step than unpacked samples give.
+    assert max(r["tokens"] for r in rows) > 8 * 60
+
+
+def test_prepare_then_train_reuses_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    args = [*FAST, f"data.cache_dir={cache}"]
+    proc = run_cmd([sys.executable, "-c", "from sftdist.data_cli import prepare_main; prepare_main()", *args])
+    assert "demo_chat:" in proc.stdout and "masks audited" in proc.stdout
+    entries = sorted(p for p in cache.iterdir())
+    assert [p.name.split("-")[0] for p in entries] == ["demo_chat", "demo_generic"]
+    stamps = [(p / "stats.json").stat().st_mtime_ns for p in entries]
+    train_single([*args, f"output_dir={tmp_path / 'run'}"])
+    assert sorted(cache.iterdir()) == entries  # no new entry, no temporary leftovers
+    assert [(p / "stats.json").stat().st_mtime_ns for p in entries] == stamps  # not rebuilt

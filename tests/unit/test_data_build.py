@@ -1,20 +1,24 @@
-"""Loading and validating sources: bad records fail with the file and record named; the demo assets are
-deterministic; the docstring examples of the pure data functions hold."""
+"""The data stage end to end on CPU: every file type, bad records (error names file and line; skip counts
+per reason), truncation, eval splits, the on-disk cache, and docstring examples of the pure functions."""
 
 import doctest
 import json
 
 import pytest
 
+import sftdist.data.audit
 import sftdist.data.collate
 import sftdist.data.loader
 import sftdist.data.messages
+import sftdist.data.tokenize
 import sftdist.launch
 import sftdist.loss
 import sftdist.optim
 from sftdist.config import DataConfig, DataSource
-from sftdist.data import DataError, build_datasets
+from sftdist.data import DataError, build_datasets, prepare_all
 from sftdist.data.demo import demo_conversations, demo_generic_texts
+
+GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 
 
 def write_jsonl(path, rows):
@@ -22,57 +26,115 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+def data_cfg(tmp_path, *sources, **kw):
+    return DataConfig(sources=list(sources), cache_dir=str(tmp_path / "cache"), **kw)
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'robot'"),
-    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
-    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "content must be a string"),
-    ({"messages": []}, "non-empty 'messages'"),
-    ({"conversation": []}, "non-empty 'messages'"),
+def build(cfg, tok, max_length=64):
+    return build_datasets(cfg, tok, max_length=max_length, seed=0)
+
+
+@pytest.mark.parametrize("bad,match,reason", [
+    ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'robot'",
+     "unknown_role"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn", "no_assistant_turn"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "string", "non_string_content"),
+    ({"messages": []}, "empty", "empty_conversation"),
+    ({"conversation": []}, "messages", "missing_field"),
 ])
-def test_bad_record_names_file_and_record(tmp_path, demo_tokenizer, bad, match):
+def test_bad_record_names_file_and_line(tmp_path, demo_tokenizer, bad, match, reason):
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, GOOD, bad])
-    cfg = DataConfig(sources=[DataSource(name="mine", path=path, format="messages")])
     with pytest.raises(DataError, match=match) as err:
-        build_datasets(cfg, demo_tokenizer, max_length=64)
-    assert f"{path}: record 2" in str(err.value)
+        build(data_cfg(tmp_path, DataSource(name="mine", path=path)), demo_tokenizer)
+    assert f"{path}: line 3" in str(err.value) and "data.on_bad_record=skip" in str(err.value)
+    data = build(data_cfg(tmp_path, DataSource(name="mine", path=path), on_bad_record="skip"), demo_tokenizer)
+    assert data.sources[0].stats["statuses"] == {"ok": 2, reason: 1} and len(data.sources[0].train) == 2
 
 
-def test_missing_file_and_wrong_extension(tmp_path, demo_tokenizer):
-    cfg = DataConfig(sources=[DataSource(name="gone", path=str(tmp_path / "nope.jsonl"))])
-    with pytest.raises(DataError, match="'gone'.*file not found"):
-        build_datasets(cfg, demo_tokenizer, max_length=64)
-    (tmp_path / "data.parquet").write_text("x")
-    cfg = DataConfig(sources=[DataSource(name="pq", path=str(tmp_path / "data.parquet"))])
-    with pytest.raises(DataError, match="expected a .jsonl or .json"):
-        build_datasets(cfg, demo_tokenizer, max_length=64)
-
-
-def test_broken_json_names_file(tmp_path, demo_tokenizer):
+def test_invalid_json_line(tmp_path, demo_tokenizer):
     path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n{not json\n")
-    cfg = DataConfig(sources=[DataSource(name="b", path=str(path))])
-    with pytest.raises(DataError, match="cannot read .*broken.jsonl"):
-        build_datasets(cfg, demo_tokenizer, max_length=64)
+    path.write_text(json.dumps(GOOD) + "\n{not json\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=r"broken.jsonl: line 2: invalid JSON"):
+        build(data_cfg(tmp_path, DataSource(name="b", path=str(path))), demo_tokenizer)
+    data = build(data_cfg(tmp_path, DataSource(name="b", path=str(path)), on_bad_record="skip"), demo_tokenizer)
+    assert data.sources[0].stats["statuses"] == {"ok": 2, "invalid_json": 1}
 
 
-def test_truncation_and_drop_are_counted(tmp_path, demo_tokenizer):
+def test_missing_file_and_unsupported_type(tmp_path, demo_tokenizer):
+    with pytest.raises(DataError, match="'gone'.*file not found"):
+        build(data_cfg(tmp_path, DataSource(name="gone", path=str(tmp_path / "nope.jsonl"))), demo_tokenizer)
+    (tmp_path / "data.xml").write_text("<x/>")
+    with pytest.raises(DataError, match="unsupported file type"):
+        build(data_cfg(tmp_path, DataSource(name="x", path=str(tmp_path / "data.xml"))), demo_tokenizer)
+
+
+def test_every_file_type_and_folders(tmp_path, demo_tokenizer):
+    import datasets
+
+    rows = [{"instruction": f"Say {w}", "input": "", "output": w.upper()} for w in ("a", "b", "c")]
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "part1.jsonl", rows[:2])
+    (tmp_path / "d" / "part2.json").write_text(json.dumps(rows[2:]))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "a.csv"), index=False)
+    (tmp_path / "t.txt").write_text("first document\n\nsecond document\n")
+    sources = [DataSource(name="folder", path=str(tmp_path / "d"), format="alpaca"),
+               DataSource(name="pq", path=str(tmp_path / "a.parquet"), format="alpaca"),
+               DataSource(name="csv", path=str(tmp_path / "a.csv"), format="alpaca"),
+               DataSource(name="txt", path=str(tmp_path / "t.txt"), format="text")]
+    data = build(data_cfg(tmp_path, *sources), demo_tokenizer)
+    assert [len(s.train) for s in data.sources] == [3, 3, 3, 2]
+    assert data.sources[0].train["where"][2].endswith("part2.json: record 0")
+
+
+def test_column_mapping(tmp_path, demo_tokenizer):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "Hi", "answer": "Hello."}])
+    src = DataSource(name="q", path=path, format="prompt_completion", columns={"prompt": "question", "completion": "answer"})
+    data = build(data_cfg(tmp_path, src), demo_tokenizer)
+    ex = data.get(0, 0)
+    assert demo_tokenizer.decode([t for t, l in zip(ex["input_ids"], ex["labels"]) if l != -100]) == "Hello.<|im_end|>"
+
+
+@pytest.mark.parametrize("truncation,statuses", [("truncate", {"ok": 1, "truncated": 1, "dropped_no_target": 1}),
+                                                 ("drop", {"ok": 1, "dropped_too_long": 2})])
+def test_truncation_modes_are_counted(tmp_path, demo_tokenizer, truncation, statuses):
     long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
     long_reply = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]}
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD, long_prompt, long_reply])
-    data = build_datasets(DataConfig(sources=[DataSource(name="c", path=path)]), demo_tokenizer, max_length=32)
-    assert data.stats[0] | {"tokens": 0, "supervised_tokens": 0} == {
-        "source": "c", "records": 2, "truncated": 2, "dropped_no_target": 1, "tokens": 0, "supervised_tokens": 0}
-    assert all(len(e["input_ids"]) <= 32 for e in data.examples[0])
+    data = build(data_cfg(tmp_path, DataSource(name="c", path=path), truncation=truncation), demo_tokenizer, 32)
+    assert data.sources[0].stats["statuses"] == statuses
+    assert all(n <= 32 for n in data.sources[0].train["num_tokens"])
 
 
-def test_demo_mix_builds(demo_tokenizer):
-    cfg = DataConfig(sources=[DataSource(name="chat", path="builtin:demo_chat", weight=0.9),
-                              DataSource(name="gen", path="builtin:demo_generic", format="text", weight=0.1)])
-    data = build_datasets(cfg, demo_tokenizer, max_length=256)
-    assert [s["records"] for s in data.stats] == [600, 200]
+def test_cache_is_reused_and_invalidated(tmp_path, demo_tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 5)
+    cfg = data_cfg(tmp_path, DataSource(name="c", path=path))
+    (first,) = prepare_all(cfg, demo_tokenizer, max_length=64, seed=0)
+    stamp = (first / "stats.json").stat().st_mtime_ns
+    (second,) = prepare_all(cfg, demo_tokenizer, max_length=64, seed=0)
+    assert second == first and (first / "stats.json").stat().st_mtime_ns == stamp  # not rebuilt
+    (third,) = prepare_all(cfg, demo_tokenizer, max_length=32, seed=0)
+    assert third != first  # another max_length is another entry
+    write_jsonl(tmp_path / "c.jsonl", [GOOD] * 6)
+    (fourth,) = prepare_all(cfg, demo_tokenizer, max_length=64, seed=0)
+    assert fourth != first and json.loads((fourth / "stats.json").read_text())["kept"] == 6
+
+
+def test_eval_fraction_and_eval_path(tmp_path, demo_tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 20)
+    data = build(data_cfg(tmp_path, DataSource(name="c", path=path, eval_fraction=0.25)), demo_tokenizer)
+    assert (len(data.sources[0].train), len(data.sources[0].eval)) == (15, 5)
+    other = write_jsonl(tmp_path / "e.jsonl", [GOOD] * 3)
+    data = build(data_cfg(tmp_path, DataSource(name="c", path=path, eval_path=other)), demo_tokenizer)
+    assert (len(data.sources[0].train), len(data.sources[0].eval)) == (20, 3)
+
+
+def test_demo_mix_builds(tmp_path, demo_tokenizer):
+    cfg = data_cfg(tmp_path, DataSource(name="chat", path="builtin:demo_chat", weight=0.9),
+                   DataSource(name="gen", path="builtin:demo_generic", format="text", weight=0.1))
+    data = build(cfg, demo_tokenizer, 256)
+    assert [s.stats["kept"] for s in data.sources] == [600, 200]
+    assert data.sources[0].stats["audited"] == 32
     assert data.get(1, 0)["source"] == 1 and data.get(1, 0)["labels"] == data.get(1, 0)["input_ids"]
 
 
@@ -83,8 +145,9 @@ def test_demo_data_is_deterministic_and_varied():
     assert demo_generic_texts() == demo_generic_texts()
 
 
-@pytest.mark.parametrize("module", [sftdist.data.collate, sftdist.data.loader, sftdist.data.messages,
-                                    sftdist.loss, sftdist.optim, sftdist.launch])
+@pytest.mark.parametrize("module", [sftdist.data.audit, sftdist.data.collate, sftdist.data.loader,
+                                    sftdist.data.messages, sftdist.data.tokenize, sftdist.loss, sftdist.optim,
+                                    sftdist.launch])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

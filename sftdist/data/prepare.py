@@ -1,0 +1,183 @@
+"""Tokenise and mask one source into an on-disk cache, keyed by everything that affects the result.
+
+A cache entry is a directory ``<cache>/<source>-<key>/`` holding ``train/`` (and ``eval/``) as Arrow
+datasets with columns ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, and ``stats.json``.
+It is written under a temporary name and renamed into place, so a reader never sees half an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+from sftdist.config import DataConfig, DataSource
+from sftdist.data.demo import cache_root, resolve_builtin
+from sftdist.data.messages import DataError, to_conversation, to_text
+from sftdist.data.sources import is_local, read_records, source_files
+from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_conversation, encode_text
+
+PIPELINE_VERSION = 1  # bump when encoding changes, to invalidate every cache entry
+OK_STATUSES = ("ok", "truncated")
+LENGTH_STATUSES = ("dropped_too_long", "dropped_no_target")  # counted, never an error
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything about a tokenizer that changes token ids or masks."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()[:16]
+
+
+def _files_identity(path: str) -> list:
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in source_files(path)]
+
+
+def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_length: int, seed: int) -> str:
+    """Hash of the source (and its files' size and mtime), the data options, the tokenizer and max_length."""
+    parts: dict[str, Any] = {
+        "version": PIPELINE_VERSION, "source": {k: v for k, v in vars(source).items() if k not in ("name", "weight")},
+        "train_on": cfg.train_on, "truncation": cfg.truncation, "on_bad_record": cfg.on_bad_record,
+        "tokenizer": tokenizer_fp, "max_length": max_length, "seed": seed if source.eval_fraction else None,
+    }
+    for key in ("path", "eval_path"):
+        p = getattr(source, key)
+        if p and is_local(DataSource(name=source.name, path=resolve_builtin(p))) and Path(resolve_builtin(p)).exists():
+            parts[f"{key}_files"] = _files_identity(resolve_builtin(p))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: str, max_length: int,
+                  truncation: str, tokenizer) -> dict[str, Any]:
+    """Encode one raw JSON record; never raises for a bad record, reports it in ``status``/``error``.
+
+    Returns:
+        ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``status`` (``ok``, ``truncated``,
+        ``dropped_too_long``, ``dropped_no_target`` or an error reason) and ``error`` (message or "").
+    """
+    empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0}
+    try:
+        row = json.loads(raw)
+        if fmt == "text":
+            enc = encode_text(tokenizer, to_text(row, where, columns))
+        else:
+            messages, tools = to_conversation(row, fmt, where, columns)
+            enc = encode_conversation(tokenizer, messages, tools=tools, train_on=train_on)
+    except DataError as e:
+        return {**empty, "status": e.reason, "error": str(e)}
+    except MaskError as e:
+        return {**empty, "status": "template_mismatch", "error": f"{where}: {e} (tokenizer {tokenizer.name_or_path!r})"}
+    except Exception as e:  # a template raising on odd input (jinja exceptions, TypeErrors) is a bad record too
+        return {**empty, "status": "render_failed", "error": f"{where}: chat template failed: {type(e).__name__}: {e}"}
+    status = "ok"
+    if len(enc["input_ids"]) > max_length:
+        if truncation == "drop":
+            return {**empty, "status": "dropped_too_long", "error": ""}
+        enc = {k: v[:max_length] for k, v in enc.items()}
+        status = "truncated"
+    supervised = sum(t != IGNORE_INDEX for t in enc["labels"][1:])  # the first label is never a target
+    if supervised == 0:
+        return {**empty, "status": "dropped_no_target", "error": ""}
+    return {**enc, "num_tokens": len(enc["input_ids"]), "num_supervised": supervised, "status": status, "error": ""}
+
+
+def _encode_batch(batch: dict[str, list], **kw) -> dict[str, list]:
+    out = [encode_record(r, w, **kw) if not e else {"input_ids": [], "labels": [], "num_tokens": 0,
+                                                      "num_supervised": 0, "status": "invalid_json", "error": e}
+           for r, w, e in zip(batch["raw"], batch["where"], batch["read_error"])]
+    return {k: [o[k] for o in out] for k in out[0]}
+
+
+def _raw_table(source: DataSource, path: Optional[str]) -> dict[str, list]:
+    raw, where, errors = [], [], []
+    for w, row in read_records(source, path):
+        if isinstance(row, DataError):
+            raw.append("")
+            errors.append(str(row))
+        else:
+            raw.append(json.dumps(row, default=str))
+            errors.append("")
+        where.append(w)
+        if source.max_samples is not None and len(raw) >= source.max_samples:
+            break
+    if not raw:
+        raise DataError(f"data source {source.name!r}: {resolve_builtin(path or source.path)} has no records",
+                        "empty_source")
+    return {"raw": raw, "where": where, "read_error": errors}
+
+
+def _split_eval(table: dict[str, list], fraction: float, seed: int, name: str) -> tuple[dict, Optional[dict]]:
+    if not fraction:
+        return table, None
+    n = len(table["raw"])
+    held = set(random.Random(f"eval:{seed}:{name}").sample(range(n), max(1, round(n * fraction))))
+    pick = lambda keep: {k: [v for i, v in enumerate(col) if (i in held) == keep] for k, col in table.items()}  # noqa: E731
+    return pick(False), pick(True)
+
+
+def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, tokenizer, max_length: int,
+                  num_proc: int, split: str):
+    import datasets
+
+    ds = datasets.Dataset.from_dict(table)
+    kw = dict(fmt=source.format, columns=dict(source.columns), train_on=cfg.train_on, max_length=max_length,
+              truncation=cfg.truncation, tokenizer=tokenizer)
+    procs = num_proc if len(ds) >= 2000 else 1  # worker start-up costs more than small sets take
+    ds = ds.map(_encode_batch, batched=True, batch_size=256, num_proc=procs if procs > 1 else None,
+                fn_kwargs=kw, remove_columns=["raw", "read_error"], desc=f"tokenising {source.name} ({split})")
+    statuses = Counter(ds["status"])
+    bad = [s for s in statuses if s not in OK_STATUSES + LENGTH_STATUSES]
+    if bad and cfg.on_bad_record == "error":
+        first = next(e for e in ds["error"] if e)
+        raise DataError(f"{first} [data source {source.name!r}; set data.on_bad_record=skip to skip and count "
+                        f"such records]", bad[0])
+    kept = ds.filter(lambda b: [s in OK_STATUSES for s in b], batched=True, input_columns="status")
+    stats = {"records": len(ds), "kept": len(kept), "statuses": dict(statuses),
+             "tokens": int(sum(kept["num_tokens"])), "supervised_tokens": int(sum(kept["num_supervised"]))}
+    return kept.remove_columns(["status", "error"]), stats
+
+
+def default_num_proc(cfg: DataConfig) -> int:
+    return cfg.num_proc or min(8, os.cpu_count() or 1)
+
+
+def prepare_source(source: DataSource, cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> Path:
+    """Build (or find) the cache entry of one source and return its directory.
+
+    Raises:
+        DataError: on a bad record with ``data.on_bad_record=error``, naming the file and record.
+    """
+    root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "data"
+    final = root / f"{source.name}-{cache_key(source, cfg, tokenizer_fingerprint(tokenizer), max_length=max_length, seed=seed)}"
+    if (final / "stats.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=root))
+    try:
+        table, eval_table = _split_eval(_raw_table(source, None), source.eval_fraction, seed, source.name)
+        if source.eval_path:
+            eval_table = _raw_table(source, source.eval_path)
+        train, stats = _encode_table(table, source, cfg, tokenizer, max_length, default_num_proc(cfg), "train")
+        train.save_to_disk(str(tmp / "train"))
+        if eval_table is not None:
+            evaluation, eval_stats = _encode_table(eval_table, source, cfg, tokenizer, max_length, 1, "eval")
+            evaluation.save_to_disk(str(tmp / "eval"))
+            stats["eval"] = eval_stats
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "stats.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    return final

@@ -1,0 +1,62 @@
+"""``sftdist-prepare [overrides]`` and ``sftdist-data inspect [--n N] [--html FILE] [overrides]``: the data
+stage alone, on CPU, with the same config as training (e.g. a SLURM CPU job that the GPU job depends on)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional
+
+from sftdist.config import ConfigError, SFTConfig, compose_config
+from sftdist.data import DataError, build_datasets, build_schedule, mix_report, prepare_all
+
+
+def load_data(cfg: SFTConfig):
+    """Tokenizer, data, schedule and cache directories exactly as a training run with this config would
+    build them."""
+    from sftdist.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    t = cfg.train
+    dirs = prepare_all(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed)
+    data = build_datasets(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed, dirs=dirs)
+    schedule = build_schedule(data, cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
+                              max_length=t.max_length)
+    return tokenizer, data, schedule, dirs
+
+
+def prepare_main(argv: Optional[list[str]] = None) -> None:
+    """Build the tokenised-data cache of every source, audit the masks, and print the realised mix."""
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    start = time.time()
+    try:
+        cfg = compose_config(overrides)
+        _, data, schedule, dirs = load_data(cfg)
+    except (ConfigError, DataError) as e:
+        sys.exit(f"sftdist-prepare: error: {e}")
+    for row, d in zip(mix_report(data, schedule), dirs):
+        print(f"{row['source']}: {row['kept']}/{row['records']} records kept {row['statuses']}; "
+              f"{row['sample_share']:.1%} of samples, {row['supervised_token_share']:.1%} of supervised tokens; "
+              f"{row['audited']} masks audited; cache {d}")
+    print(f"data stage done in {time.time() - start:.1f}s; training with the same overrides reuses this cache")
+
+
+def data_main(argv: Optional[list[str]] = None) -> None:
+    """``sftdist-data inspect``: rendered samples with supervised tokens highlighted, and data statistics."""
+    from sftdist.data.inspect import inspect_report
+
+    parser = argparse.ArgumentParser(prog="sftdist-data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show rendered samples with their masks, and per-source statistics")
+    p.add_argument("--n", type=int, default=3, help="samples to show per source")
+    p.add_argument("--html", help="also write an HTML page to this file")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for training")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        tokenizer, data, schedule, _ = load_data(compose_config(args.overrides))
+    except (ConfigError, DataError) as e:
+        sys.exit(f"sftdist-data: error: {e}")
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(inspect_report(tokenizer, data, schedule, n=args.n, color=color, html_path=args.html))
