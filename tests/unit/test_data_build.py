@@ -151,3 +151,16 @@ def test_demo_data_is_deterministic_and_varied():
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_mask_audit_fails_a_template_without_end_of_turn_token(tmp_path, demo_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(demo_tokenizer)
+    # The model would never learn to stop: nothing special follows a reply.
+    tok.chat_template = ("{%- for m in messages %}{{- m['role'] + ':\\n' + m['content'] + '\\n\\n' }}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{- 'assistant:\\n' }}{%- endif %}")
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 3)
+    with pytest.raises(DataError, match=r"mask audit failed for data source 'c', .*c.jsonl: line \d.*"
+                                        r"does not end with an end-of-turn token"):
+        build(data_cfg(tmp_path, DataSource(name="c", path=path)), tok)

@@ -103,3 +103,56 @@ def test_real_tokenizer_masks(shared_dir, name):
     for got, msg in zip(decoded, [m for m in msgs if m["role"] == "assistant"], strict=True):
         assert got.startswith(msg["content"]), (got, msg["content"])
         assert got[len(msg["content"]):].strip() == REAL[name], got  # nothing but the end-of-turn token
+
+
+def test_per_message_train_flags(demo_tokenizer):
+    msgs = [dict(m) for m in CONVERSATIONS["multi"]]
+    msgs[1]["train"] = False  # e.g. loss_weight 0 on the first reply
+    spans = [demo_tokenizer.decode(s) for s in supervised_spans(encode_conversation(demo_tokenizer, msgs))]
+    assert spans == ["Sorted: 4, 7, 9.<|im_end|>", "Uppercase: QUIET MEADOW.<|im_end|>"]
+    msgs[1]["train"] = True  # an explicit flag wins over train_on=last
+    spans = [demo_tokenizer.decode(s) for s in
+             supervised_spans(encode_conversation(demo_tokenizer, msgs, train_on="last"))]
+    assert spans == ['Reversed: "revir".<|im_end|>', "Uppercase: QUIET MEADOW.<|im_end|>"]
+
+
+def test_train_flag_on_a_user_turn_is_refused(demo_tokenizer):
+    from sftdist.data.tokenize import MaskError
+
+    msgs = [{"role": "user", "content": "Hi", "train": True}, {"role": "assistant", "content": "Yo"}]
+    with pytest.raises(MaskError, match="only assistant turns"):
+        encode_conversation(demo_tokenizer, msgs)
+
+
+# A reasoning-style template that drops the <think> block of every assistant turn but the last, as the
+# Qwen3 and DeepSeek-R1 templates do.
+REWRITING_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{%- set c = m['content'] %}"
+    "{%- if m['role'] == 'assistant' and not loop.last and '</think>' in c %}"
+    "{%- set c = c.split('</think>')[-1].lstrip() %}{%- endif %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + c + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_history_rewriting_template_gives_a_consistent_sequence(demo_tokenizer):
+    from sftdist.data.audit import check_record
+
+    tok = demo_tokenizer
+    original = tok.chat_template
+    tok.chat_template = REWRITING_TEMPLATE
+    try:
+        msgs = [{"role": "user", "content": "What is 2 plus 3?"},
+                {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n2 + 3 = 5."},
+                {"role": "user", "content": "And 4 plus 4?"},
+                {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n4 + 4 = 8."}]
+        enc = encode_conversation(tok, msgs)
+        assert enc["input_ids"] == list(tok.apply_chat_template(msgs, tokenize=True)["input_ids"])
+        # The earlier turn is rendered without its reasoning once a later turn follows, so it cannot be
+        # supervised in place; the final turn, rendered as at inference, is trained with its reasoning.
+        assert [tok.decode(s) for s in supervised_spans(enc)] == [msgs[3]["content"] + "<|im_end|>"]
+        assert check_record(tok, msgs, None, "assistant") == []
+    finally:
+        tok.chat_template = original
