@@ -22,7 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
 LAUNCHERS = ("torchrun", "deepspeed")
-PEFT_METHODS = ("none", "lora")
+PEFT_METHODS = ("none", "lora", "qlora")
 
 
 class ConfigError(ValueError):
@@ -142,12 +142,15 @@ class ParallelConfig:
 class PeftConfig:
     """Parameter-efficient fine-tuning (group ``peft/``)."""
 
-    method: str = "none"  # none = full fine-tuning | lora
+    method: str = "none"  # none = full fine-tuning | lora | qlora (4-bit base, CUDA + bitsandbytes)
     r: int = 16  # LoRA rank
     alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     modules_to_save: Optional[List[str]] = None  # trained in full and saved with the adapter
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) instead of alpha / r
+    merge_on_save: bool = False  # also write final_merged/: the base with the adapter merged in
 
     def __post_init__(self) -> None:
         _check_choice("peft.method", self.method, PEFT_METHODS)
@@ -177,7 +180,11 @@ class TrainConfig:
     max_length: int = 2048  # tokens per sequence (per packed row with data.packing)
     eval_every: int = 0  # optimizer steps between eval passes (0 = only after the last step)
     seed: int = 42
-    overwrite: bool = False  # allow writing into an output_dir that already holds a run
+    save_every: int = 0  # optimizer steps between checkpoints (0 = none; a final one is saved on stop_at_step)
+    keep_last: int = 2  # checkpoints kept; older ones are deleted once a newer one is complete
+    resume: str = "auto"  # auto (latest complete checkpoint in output_dir, if any) | never | a checkpoint path
+    stop_at_step: Optional[int] = None  # checkpoint and exit after this step (e.g. to fit a job time limit)
+    overwrite: bool = False  # allow replacing a run (checkpoints, metrics, final/) already in output_dir
 
     def __post_init__(self) -> None:
         _check_choice("train.schedule", self.schedule, SCHEDULES)
@@ -186,6 +193,10 @@ class TrainConfig:
         _check_positive("train.global_batch_size", self.global_batch_size)
         _check_positive("train.max_length", self.max_length)
         _check_positive("train.eval_every", self.eval_every, allow_zero=True)
+        _check_positive("train.save_every", self.save_every, allow_zero=True)
+        _check_positive("train.keep_last", self.keep_last)
+        if self.stop_at_step is not None:
+            _check_positive("train.stop_at_step", self.stop_at_step)
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"train.max_steps={self.max_steps} must be > 0, or -1 to use train.epochs")
@@ -273,6 +284,11 @@ def validate(cfg: SFTConfig, *, dp_world: int, has_gpu: bool) -> None:
     if not has_gpu and cfg.parallelism.precision in ("bf16", "fp16"):
         raise ConfigError(f"parallelism.precision={cfg.parallelism.precision} needs a GPU; "
                           f"use precision=auto or fp32 on CPU")
+    if not has_gpu and cfg.peft.method == "qlora":
+        raise ConfigError("peft.method=qlora quantises the base model with bitsandbytes, which needs a CUDA GPU; "
+                          "use peft=lora on CPU")
+    if cfg.peft.method == "qlora" and cfg.model.from_config:
+        raise ConfigError("peft.method=qlora needs a pretrained model (model.name_or_path) to quantise")
     if not has_gpu and cfg.model.attn_implementation.startswith("flash_attention"):
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} needs a GPU; "
                           f"use sdpa or eager on CPU")

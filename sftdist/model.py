@@ -29,7 +29,8 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_checkpointing: bool, seed: int):
+def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_checkpointing: bool, seed: int,
+                quantize_4bit: bool = False):
     """Build a random-init model from ``cfg.from_config`` or load ``cfg.name_or_path``.
 
     A model built from a config gets its vocabulary sized to the tokenizer; a loaded model is resized
@@ -41,6 +42,7 @@ def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_check
         precision: ``fp32``, ``bf16`` or ``fp16``: the dtype the weights are created in.
         activation_checkpointing: Recompute activations in backward.
         seed: Seed for random initialisation.
+        quantize_4bit: Load the weights NF4-quantised with bitsandbytes (QLoRA; CUDA only).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -55,7 +57,8 @@ def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_check
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 cfg.name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                quantization_config=_nf4_config(dtype) if quantize_4bit else None)
         except OSError as e:
             raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from e
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -68,3 +71,11 @@ def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_check
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
+
+
+def _nf4_config(dtype):
+    from transformers import BitsAndBytesConfig
+
+    # quant_storage in the compute dtype lets ZeRO-3 partition the 4-bit weights like any other tensor.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sftdist.config import PeftConfig
 
 
 def apply_peft(model, cfg: PeftConfig):
-    """Return ``model`` unchanged for ``method: none``, else a LoRA ``PeftModel`` with only adapters trainable."""
+    """Return ``model`` unchanged for ``method: none``, else a LoRA ``PeftModel`` with only adapters trainable
+    (for ``qlora`` the model must have been loaded 4-bit, see ``build_model``)."""
     if cfg.method == "none":
         return model
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if list(cfg.target_modules) == ["all-linear"] else list(cfg.target_modules)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                      modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM")
-    if getattr(model, "is_gradient_checkpointing", False):
+                      modules_to_save=cfg.modules_to_save, use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
+                      task_type="CAUSAL_LM")
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model.is_gradient_checkpointing)
+    elif getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return get_peft_model(model, lora)
 
@@ -27,3 +35,40 @@ def trainable_summary(model) -> str:
         total += n
         trainable += n if p.requires_grad else 0
     return f"trainable {trainable / 1e6:.2f}M / {total / 1e6:.2f}M parameters ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def merge_adapter(run_dir: Path, *, out_name: str = "final_merged") -> Path:
+    """Write ``run_dir/final_merged``: the run's base model with the adapter in ``final/`` merged in.
+
+    The base is rebuilt from the run's ``config.yaml``: loaded from ``model.name_or_path``, or for a
+    random-init model rebuilt from ``model.from_config`` and ``train.seed`` (sftdist builds those whole,
+    without zero.Init, so the rebuild is exact). Runs in one process, on CPU memory.
+
+    Raises:
+        ConfigError: when ``final/`` holds no adapter.
+    """
+    import json
+
+    import torch
+    from omegaconf import OmegaConf
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from sftdist.config import ConfigError, SFTConfig
+    from sftdist.model import build_model
+
+    final = run_dir / "final"
+    if not (final / "adapter_config.json").exists():
+        raise ConfigError(f"{final} holds no LoRA adapter (was the run trained with peft=lora?)")
+    cfg: SFTConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig),
+                                                         OmegaConf.load(run_dir / "config.yaml")))
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    base = build_model(cfg.model, tokenizer, precision=precision, activation_checkpointing=False, seed=cfg.train.seed)
+    merged = PeftModel.from_pretrained(base, final).merge_and_unload()
+    out = run_dir / out_name
+    with torch.no_grad():
+        merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

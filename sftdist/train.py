@@ -10,12 +10,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sftdist.checkpoint import check_run_dir, prepare_run_dir, save_final
+from sftdist.checkpoint import (checkpoint_step, load_checkpoint, save_checkpoint, save_final, saved_world_size,
+                                universal_checkpoint)
 from sftdist.config import ConfigError, SFTConfig, grad_accum_steps, register_configs, validate
 from sftdist.data import (IGNORE_INDEX, DataError, TrainData, build_datasets, build_schedule, mix_report,
                           prepare_all)
@@ -25,17 +27,19 @@ from sftdist.logging import MetricsLogger, log
 from sftdist.loss import backward_scale, per_source_sums, supervised_token_losses
 from sftdist.model import build_model, load_tokenizer
 from sftdist.optim import lr_multiplier, param_groups, warmup_steps
-from sftdist.parallel import (all_reduce_sum, broadcast_from_main, build_ds_config, device, has_gpu,
+from sftdist.parallel import (all_reduce_sum, barrier, broadcast_from_main, build_ds_config, device, has_gpu,
                               init_distributed, is_main, local_main_first, rank, resolve_precision, world_size, wrap_with_deepspeed,
                               zero3_init_context)
-from sftdist.peft import apply_peft, trainable_summary
+from sftdist.peft import apply_peft, merge_adapter, trainable_summary
+from sftdist.rundir import prepare_run_dir, resolve_resume
 
 register_configs()
 
 
 @dataclass
 class LoopResult:
-    steps: int
+    steps: int  # optimizer steps run in this process (fewer than max_steps after a resume)
+    last_step: int
     first_loss: float
     last_loss: float
     tokens: int
@@ -105,9 +109,11 @@ def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int) -> 
     return {"eval_loss": loss, **per_source_metrics("eval_loss", names, totals)}
 
 
-def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, max_steps: int, micro_batch_size: int,
-               pad_id: int, packed: bool, metrics: MetricsLogger, log_every: int, eval_every: int) -> LoopResult:
-    """Run ``max_steps`` optimizer steps.
+def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step: int, max_steps: int,
+               micro_batch_size: int, pad_id: int, packed: bool, metrics: MetricsLogger, log_every: int,
+               eval_every: int, run_dir: Path, save_every: int, keep_last: int,
+               stop_at_step: Optional[int]) -> LoopResult:
+    """Run optimizer steps ``start_step`` .. ``max_steps - 1`` (or stop after ``stop_at_step``).
 
     Each step: fetch this rank's micro-batches, count the supervised tokens of the whole step over all
     ranks (one all-reduce), then forward / token losses / backward per micro-batch, scaled so the gradient
@@ -119,7 +125,8 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, max_steps: 
     has_eval = any(s.eval is not None for s in data.sources)
     losses: list[float] = []
     total_tokens, start = 0, time.time()
-    for step in range(max_steps):
+    step = start_step - 1
+    for step in range(start_step, max_steps):
         step_start = time.time()
         # 1. This step's micro-batches, and the step's global supervised-token count (needed before backward).
         micro_batches = [make_batch(data, mb, pad_id, packed=packed)
@@ -160,8 +167,15 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, max_steps: 
         if (step + 1) % log_every == 0 or last:
             log(f"step {step + 1}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm or 0):.3f}"
                 f"  tok/s {total_tokens / elapsed:,.0f}" + (f"  eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
-        # 7. stop checks: the run length is max_steps (derived from train.epochs when max_steps=-1).
-    return LoopResult(max_steps, losses[0], losses[-1], total_tokens, time.time() - start)
+        stop = stop_at_step is not None and step + 1 >= stop_at_step and not last
+        if (save_every and (step + 1) % save_every == 0 and not last) or stop:
+            path = save_checkpoint(engine, run_dir, step + 1, keep_last=keep_last)
+            log(f"checkpoint saved: {path}")
+        # 7. stop checks: the run ends at max_steps, or early at stop_at_step with a checkpoint to resume from.
+        if stop:
+            break
+    return LoopResult(len(losses), step + 1, losses[0] if losses else float("nan"),
+                      losses[-1] if losses else float("nan"), total_tokens, time.time() - start)
 
 
 def log_data_report(data: TrainData, schedule: SampleSchedule) -> None:
@@ -178,7 +192,7 @@ def run(cfg: SFTConfig) -> Path:
     gpu, world = has_gpu(), world_size()
     validate(cfg, dp_world=world, has_gpu=gpu)
     run_dir = Path(broadcast_from_main(str(Path(cfg.output_dir).absolute())))  # one directory for all ranks
-    check_run_dir(run_dir, overwrite=cfg.train.overwrite)
+    resume_from = resolve_resume(run_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
 
     tokenizer = load_tokenizer(cfg.model)
     t = cfg.train
@@ -191,32 +205,53 @@ def run(cfg: SFTConfig) -> Path:
 
     precision = resolve_precision(cfg.parallelism.precision, gpu=gpu)
     ds_config = build_ds_config(cfg.parallelism, t, dp_world=world, precision=precision, gpu=gpu)
+    if resume_from and saved_world_size(resume_from) != world:
+        # ZeRO shards optimizer state by rank: another world size loads DeepSpeed's universal format.
+        resume_from = local_main_first(lambda: universal_checkpoint(resume_from))
+        ds_config["checkpoint"] = {"load_universal": True}
+        log(f"checkpoint written by {saved_world_size(resume_from)} rank(s), resuming on {world}: "
+            f"converted to {resume_from}")
     cfg.output_dir = str(run_dir)
-    prepare_run_dir(run_dir, overwrite=t.overwrite, config_yaml=OmegaConf.to_yaml(cfg), ds_config=ds_config)
+    prepare_run_dir(run_dir, overwrite=t.overwrite, resume_step=checkpoint_step(resume_from) if resume_from else None,
+                    config_yaml=OmegaConf.to_yaml(cfg), ds_config=ds_config)
 
-    zero3_ctx = zero3_init_context(ds_config)  # noqa: F841  (must outlive model construction)
-    model = build_model(cfg.model, tokenizer, precision=precision,
-                        activation_checkpointing=cfg.parallelism.activation_checkpointing, seed=t.seed)
+    # Pretrained weights load straight into ZeRO-3 partitions. A random-init model (model.from_config) is
+    # built whole and partitioned by deepspeed.initialize, since zero.Init draws other initial weights and
+    # the model would then depend on the ZeRO stage.
+    zero3_ctx = zero3_init_context(ds_config) if cfg.model.name_or_path else None  # noqa: F841  (keep alive)
+    model = build_model(cfg.model, tokenizer, precision=precision, seed=t.seed,
+                        activation_checkpointing=cfg.parallelism.activation_checkpointing,
+                        quantize_4bit=cfg.peft.method == "qlora")
     model = apply_peft(model, cfg.peft)
     warmup = warmup_steps(t, max_steps)
     engine = wrap_with_deepspeed(
         model, param_groups(model, t.weight_decay), ds_config,
         lambda s: lr_multiplier(s, max_steps=max_steps, warmup=warmup, schedule=t.schedule,
                                 min_lr_ratio=t.min_lr_ratio))
+    start_step = load_checkpoint(engine, resume_from) if resume_from else 0
+    if resume_from:
+        log(f"resumed from {resume_from} after step {start_step}")
     log(f"{world} process(es), ZeRO-{cfg.parallelism.zero_stage}, {precision}, "
         f"grad accumulation {grad_accum_steps(t, world)}, {max_steps} steps; {trainable_summary(model)}")
 
     metrics = MetricsLogger(run_dir, cfg.logging, cfg.run_name or run_dir.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)))
-    result = train_loop(engine, data, schedule, max_steps=max_steps, micro_batch_size=t.micro_batch_size,
-                        pad_id=tokenizer.pad_token_id, packed=cfg.data.packing, metrics=metrics,
-                        log_every=cfg.logging.log_every, eval_every=t.eval_every)
-    final = save_final(engine, tokenizer, run_dir)
-    metrics.close()
-    log(f"done: {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
+    result = train_loop(engine, data, schedule, start_step=start_step, max_steps=max_steps,
+                        micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
+                        metrics=metrics, log_every=cfg.logging.log_every, eval_every=t.eval_every, run_dir=run_dir,
+                        save_every=t.save_every, keep_last=t.keep_last, stop_at_step=t.stop_at_step)
+    log(f"ran {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
         f"{result.last_loss:.4f}, {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s")
     log(f"run directory: {run_dir}")
-    log(f"final model:   {final}")
+    if result.last_step == max_steps:
+        log(f"final model:   {save_final(engine, tokenizer, run_dir)}")
+        if cfg.peft.method != "none" and cfg.peft.merge_on_save:
+            if is_main():
+                log(f"merged model:  {merge_adapter(run_dir)}")
+            barrier()
+    else:
+        log(f"stopped after step {result.last_step} of {max_steps}; the same command resumes from the checkpoint")
+    metrics.close()
     return run_dir
 
 

@@ -23,7 +23,8 @@ def test_all_groups_present():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option):
-    cfg = OmegaConf.to_object(compose([f"{group}={option}"]))
+    extra = ["model=qwen2_5_0_5b"] if (group, option) == ("peft", "qlora") else []  # QLoRA quantises a pretrained model
+    cfg = OmegaConf.to_object(compose([f"{group}={option}", *extra]))
     assert isinstance(cfg, SFTConfig)
     validate(cfg, dp_world=2, has_gpu=True)
     # Every YAML opens with a header comment giving a launch command.
@@ -74,6 +75,8 @@ def test_bad_values_fail_when_typed(override, match):
     (["parallelism.precision=bf16"], {"dp_world": 1, "has_gpu": False}, "needs a GPU"),
     (["model.attn_implementation=flash_attention_2"], {"dp_world": 1, "has_gpu": False}, "needs a GPU"),
     (["model.from_config=null"], {"dp_world": 1, "has_gpu": False}, "model.name_or_path"),
+    (["peft=qlora", "model=qwen2_5_0_5b"], {"dp_world": 1, "has_gpu": False}, "qlora .*needs a CUDA GPU"),
+    (["peft=qlora"], {"dp_world": 1, "has_gpu": True}, "needs a pretrained model"),
 ])
 def test_cross_group_validation(override, kw, match):
     with pytest.raises(ConfigError, match=match):

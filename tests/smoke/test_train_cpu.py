@@ -50,6 +50,30 @@ def check_final_generates(final):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
+def eval_loss_of_export(final, overrides):
+    """The eval loss of the exported model on the run's eval splits, computed outside the engine."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftdist.config import compose_config
+    from sftdist.data import build_datasets
+    from sftdist.data.collate import collate
+    from sftdist.loss import token_loss_sum
+
+    cfg = compose_config(overrides)
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    data = build_datasets(cfg.data, tok, max_length=cfg.train.max_length, seed=cfg.train.seed)
+    total = count = 0.0
+    with torch.no_grad():
+        for s, src in enumerate(data.sources):
+            for i in range(len(src.eval)):
+                b = collate([data.get(s, i, "eval")], tok.pad_token_id)
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss_sum, n = token_loss_sum(logits, b["targets"])
+                total, count = total + loss_sum.item(), count + n.item()
+    return total / count
+
+
 def test_single_process_run(trained_runs):
     run_dir = trained_runs("single_ga4", 0, [])
     check_run_dir(run_dir, grad_accum=4)
@@ -63,6 +87,7 @@ def test_torchrun_two_process_zero2(trained_runs):
     check_final_generates(run_dir / "final")
     out = (run_dir / "stdout.txt").read_text()
     assert "2 process(es), ZeRO-2" in out and f"run directory: {run_dir}" in out
+    assert eval_loss_of_export(run_dir / "final", FAST) == pytest.approx(read_metrics(run_dir)[-1]["eval_loss"], rel=1e-5)
     assert out.count("step 3/3") == 1  # only rank 0 prints
 
 
@@ -74,6 +99,8 @@ def test_launch_deepspeed_launcher_zero3(tmp_path):
     check_run_dir(run_dir, grad_accum=2)
     check_final_generates(run_dir / "final")
     assert "ZeRO-3" in proc.stdout
+    # The export consolidated from ZeRO-3 shards is the trained model: same eval loss as the engine's.
+    assert eval_loss_of_export(run_dir / "final", FAST) == pytest.approx(read_metrics(run_dir)[-1]["eval_loss"], rel=1e-5)
 
 
 def test_launch_dry_run_pins_one_run_dir():
