@@ -122,7 +122,7 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
     rank_, world, dev = rank(), world_size(), device()
     grad_accum = engine.gradient_accumulation_steps()
     num_sources = len(data.sources)
-    has_eval = any(s.eval is not None for s in data.sources)
+    has_eval = any(s.eval is not None and len(s.eval) for s in data.sources)
     losses: list[float] = []
     total_tokens, start = 0, time.time()
     step = start_step - 1
@@ -186,6 +186,25 @@ def log_data_report(data: TrainData, schedule: SampleSchedule) -> None:
             f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited")
 
 
+def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, max_steps: int):
+    """The model (with its adapter) inside a DeepSpeed engine with AdamW and the lr schedule."""
+    t = cfg.train
+    # Pretrained weights load straight into ZeRO-3 partitions. A random-init model (model.from_config) is
+    # built whole and partitioned by deepspeed.initialize, since zero.Init draws other initial weights and
+    # the model would then depend on the ZeRO stage.
+    zero3_ctx = zero3_init_context(ds_config) if cfg.model.name_or_path else None  # noqa: F841  (keep alive)
+    model = build_model(cfg.model, tokenizer, precision=precision, seed=t.seed,
+                        activation_checkpointing=cfg.parallelism.activation_checkpointing,
+                        quantize_4bit=cfg.peft.method == "qlora")
+    model = apply_peft(model, cfg.peft)
+    warmup = warmup_steps(t, max_steps)
+    engine = wrap_with_deepspeed(
+        model, param_groups(model, t.weight_decay), ds_config,
+        lambda s: lr_multiplier(s, max_steps=max_steps, warmup=warmup, schedule=t.schedule,
+                                min_lr_ratio=t.min_lr_ratio))
+    return engine, model
+
+
 def run(cfg: SFTConfig) -> Path:
     """Build every component from the typed config, train, export ``final/``; return the run directory."""
     init_distributed()
@@ -215,19 +234,7 @@ def run(cfg: SFTConfig) -> Path:
     prepare_run_dir(run_dir, overwrite=t.overwrite, resume_step=checkpoint_step(resume_from) if resume_from else None,
                     config_yaml=OmegaConf.to_yaml(cfg), ds_config=ds_config)
 
-    # Pretrained weights load straight into ZeRO-3 partitions. A random-init model (model.from_config) is
-    # built whole and partitioned by deepspeed.initialize, since zero.Init draws other initial weights and
-    # the model would then depend on the ZeRO stage.
-    zero3_ctx = zero3_init_context(ds_config) if cfg.model.name_or_path else None  # noqa: F841  (keep alive)
-    model = build_model(cfg.model, tokenizer, precision=precision, seed=t.seed,
-                        activation_checkpointing=cfg.parallelism.activation_checkpointing,
-                        quantize_4bit=cfg.peft.method == "qlora")
-    model = apply_peft(model, cfg.peft)
-    warmup = warmup_steps(t, max_steps)
-    engine = wrap_with_deepspeed(
-        model, param_groups(model, t.weight_decay), ds_config,
-        lambda s: lr_multiplier(s, max_steps=max_steps, warmup=warmup, schedule=t.schedule,
-                                min_lr_ratio=t.min_lr_ratio))
+    engine, model = build_engine(cfg, tokenizer, ds_config, precision=precision, max_steps=max_steps)
     start_step = load_checkpoint(engine, resume_from) if resume_from else 0
     if resume_from:
         log(f"resumed from {resume_from} after step {start_step}")
