@@ -61,7 +61,9 @@ def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_check
                 quantization_config=_nf4_config(dtype) if quantize_4bit else None)
         except OSError as e:
             raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from e
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        # num_embeddings, not weight.shape: under ZeRO-3 the local weight is an empty partition, and a
+        # needless resize would replace the partitioned embedding with a full copy on every rank.
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     # Generation must stop at the end-of-turn token that training supervised.
     for c in (model.config, model.generation_config):

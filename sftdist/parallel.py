@@ -113,6 +113,22 @@ def local_main_first(fn: Callable[[], T]) -> T:
     return result if local_rank() == 0 else fn()
 
 
+def stage0_grad_norm(engine) -> float:
+    """Global L2 norm of the averaged gradients, for ZeRO-0, whose engine clips without keeping the norm.
+
+    Call after the backward of the last micro-batch of a step (gradients are all-reduced there) and
+    before ``engine.step()`` (which zeroes them).
+    """
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (an abandoned gloo group can abort the interpreter at exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized() and world_size() > 1:
         dist.barrier()
@@ -148,7 +164,7 @@ def build_ds_config(parallel: ParallelConfig, train: TrainConfig, *, dp_world: i
     if parallel.zero_stage in (1, 2):
         zero.update(allgather_bucket_size=parallel.allgather_bucket_size, reduce_scatter=True)
     if parallel.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=parallel.reduce_bucket_size,
+        zero.update(stage3_prefetch_bucket_size=50_000_000,
                     stage3_param_persistence_threshold=100_000, stage3_max_live_parameters=1_000_000_000,
                     stage3_gather_16bit_weights_on_model_save=True)
     offload_device = "nvme" if parallel.nvme_path else "cpu"

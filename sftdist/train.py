@@ -28,7 +28,8 @@ from sftdist.loss import backward_scale, per_source_sums, supervised_token_losse
 from sftdist.model import build_model, load_tokenizer
 from sftdist.optim import lr_multiplier, param_groups, warmup_steps
 from sftdist.parallel import (all_reduce_sum, barrier, broadcast_from_main, build_ds_config, device, has_gpu,
-                              init_distributed, is_main, local_main_first, rank, resolve_precision, world_size, wrap_with_deepspeed,
+                              init_distributed, is_main, local_main_first, rank, resolve_precision, shutdown,
+                              stage0_grad_norm, world_size, wrap_with_deepspeed,
                               zero3_init_context)
 from sftdist.peft import apply_peft, merge_adapter, trainable_summary
 from sftdist.rundir import prepare_run_dir, resolve_resume
@@ -122,6 +123,7 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
     rank_, world, dev = rank(), world_size(), device()
     grad_accum = engine.gradient_accumulation_steps()
     num_sources = len(data.sources)
+    stage0, grad_norm = engine.zero_optimization_stage() == 0, None
     has_eval = any(s.eval is not None and len(s.eval) for s in data.sources)
     losses: list[float] = []
     total_tokens, start = 0, time.time()
@@ -144,6 +146,8 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
             token_losses, mask = supervised_token_losses(forward_logits(engine, batch), batch["targets"])
             # 4. backward, scaled to a per-supervised-token mean over the whole step
             engine.backward(token_losses.sum() * scale)
+            if stage0 and engine.is_gradient_accumulation_boundary():
+                grad_norm = stage0_grad_norm(engine)
             # 5. DeepSpeed counts micro-steps inside step() and updates only at the accumulation boundary.
             engine.step()
             sums += per_source_sums(token_losses, batch["token_source"][mask], num_sources)
@@ -151,7 +155,7 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
         # 6. log: the step's loss is its summed token loss over all ranks divided by its supervised tokens.
         totals = all_reduce_sum(sums.tolist())
         loss = sum(totals[:num_sources]) / max(global_supervised, 1)
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = grad_norm if stage0 else engine.get_global_grad_norm()
         total_tokens += int(global_tokens)
         losses.append(loss)
         elapsed = time.time() - start
@@ -165,7 +169,7 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
             row |= evaluate(engine, data, micro_batch_size=micro_batch_size, pad_id=pad_id)
         metrics.write(row)
         if (step + 1) % log_every == 0 or last:
-            log(f"step {step + 1}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm or 0):.3f}"
+            log(f"step {step + 1}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm):.3f}"
                 f"  tok/s {total_tokens / elapsed:,.0f}" + (f"  eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
         stop = stop_at_step is not None and step + 1 >= stop_at_step and not last
         if (save_every and (step + 1) % save_every == 0 and not last) or stop:
@@ -270,6 +274,8 @@ def _hydra_main(raw: DictConfig) -> None:
     except (ConfigError, DataError) as e:
         # A user mistake, not a crash: one clear line (from rank 0; every rank fails the same way).
         sys.exit(f"sftdist: error: {e}" if is_main() else 2)
+    finally:
+        shutdown()
 
 
 def main() -> None:
