@@ -99,3 +99,18 @@ def test_lora_adapter_loads_with_peft_and_merges(tmp_path):
     # sftdist-export writes the same merged model from the run directory alone.
     proc = run_cmd([sys.executable, "-m", "sftdist.export", "--merge", str(run_dir)])
     assert "final_merged" in proc.stdout
+
+
+@pytest.mark.parametrize("stage,extra", [("zero0", ["peft.use_dora=true"]), ("zero1", ["peft.use_rslora=true"]),
+                                         ("zero3_offload", [])])
+def test_lora_under_other_stages(tmp_path, stage, extra):
+    run_dir = tmp_path / stage
+    proc = train(1, [*FAST, f"parallelism={stage}", "peft=lora", "train.lr=1e-2", *extra, f"output_dir={run_dir}"])
+    assert f"ZeRO-{stage[4]}" in proc.stdout
+    adapter = final_weights(run_dir)
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
+    assert config["use_dora"] == ("peft.use_dora=true" in extra)
+    assert config["use_rslora"] == ("peft.use_rslora=true" in extra)
+    if "peft.use_dora=true" in extra:
+        assert any("lora_magnitude_vector" in k for k in adapter)
