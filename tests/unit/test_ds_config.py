@@ -23,7 +23,7 @@ COMMON = {
 STAGE12 = {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 200_000_000,
            "allgather_bucket_size": 200_000_000, "reduce_scatter": True}
 STAGE3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 200_000_000,
-          "stage3_prefetch_bucket_size": 200_000_000, "stage3_param_persistence_threshold": 100_000,
+          "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
           "stage3_max_live_parameters": 1_000_000_000, "stage3_gather_16bit_weights_on_model_save": True}
 EXPECTED_ZERO = {
     "zero0": {"stage": 0},
