@@ -48,6 +48,20 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, case):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if "lora" in case:  # the adapter holds trained values, not empty ZeRO-3 placeholders
         assert all(v.numel() > 1 and v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+        # Base + saved adapter, loaded with peft in one process, reproduces the engine's final eval loss.
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        from sftdist.config import compose_config
+        from sftdist.model import build_model
+        from tests.smoke.test_train_cpu import eval_loss_of_export
+
+        cfg = compose_config([*SIX, *overrides])
+        base = build_model(cfg.model, AutoTokenizer.from_pretrained(parts / "final"), precision="fp32",
+                           activation_checkpointing=False, seed=cfg.train.seed)
+        adapted = PeftModel.from_pretrained(base, parts / "final")
+        assert eval_loss_of_export(parts / "final", [*SIX, *overrides], adapted) == pytest.approx(
+            got[-1]["eval_loss"], rel=1e-5)
 
 
 def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):

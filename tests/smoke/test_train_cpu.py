@@ -50,8 +50,8 @@ def check_final_generates(final):
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def eval_loss_of_export(final, overrides):
-    """The eval loss of the exported model on the run's eval splits, computed outside the engine."""
+def eval_loss_of_export(final, overrides, model=None):
+    """The eval loss of the exported model (or ``model``) on the run's eval splits, computed outside the engine."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftdist.config import compose_config
@@ -61,7 +61,7 @@ def eval_loss_of_export(final, overrides):
 
     cfg = compose_config(overrides)
     tok = AutoTokenizer.from_pretrained(final)
-    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    model = (model or AutoModelForCausalLM.from_pretrained(final)).eval()
     data = build_datasets(cfg.data, tok, max_length=cfg.train.max_length, seed=cfg.train.seed)
     total = count = 0.0
     with torch.no_grad():
