@@ -185,7 +185,7 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
 def log_data_report(data: TrainData, schedule: SampleSchedule) -> None:
     for r in mix_report(data, schedule):
         skipped = {k: v for k, v in r["statuses"].items() if k != "ok"}
-        log(f"data {r['source']}: {r['kept']}/{r['records']} records kept {skipped or ''}; per epoch "
+        log(f"data {r['source']}: {r['kept']}/{r['records']} records kept{f' {skipped}' if skipped else ''}; per epoch "
             f"{r['samples_per_epoch']} samples = {r['sample_share']:.1%} of samples, "
             f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited")
 

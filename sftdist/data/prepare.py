@@ -121,8 +121,9 @@ def _split_eval(table: dict[str, list], fraction: float, seed: int, name: str) -
         return table, None
     n = len(table["raw"])
     held = set(random.Random(f"eval:{seed}:{name}").sample(range(n), max(1, round(n * fraction))))
-    pick = lambda keep: {k: [v for i, v in enumerate(col) if (i in held) == keep] for k, col in table.items()}  # noqa: E731
-    return pick(False), pick(True)
+    train = {k: [v for i, v in enumerate(col) if i not in held] for k, col in table.items()}
+    evaluation = {k: [v for i, v in enumerate(col) if i in held] for k, col in table.items()}
+    return train, evaluation
 
 
 def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, tokenizer, max_length: int,
