@@ -6,6 +6,7 @@ and hands typed groups to the builders. ``train_loop()`` is shared by full fine-
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -274,8 +275,15 @@ def _hydra_main(raw: DictConfig) -> None:
     except (ConfigError, DataError) as e:
         # A user mistake, not a crash: one clear line (from rank 0; every rank fails the same way).
         sys.exit(f"sftdist: error: {e}" if is_main() else 2)
-    finally:
-        shutdown()
+    distributed = world_size() > 1
+    shutdown()
+    if distributed:
+        # Every file is written and closed. Skip interpreter teardown: in multi-process CPU runs a native
+        # thread left by the gloo/DeepSpeed stack occasionally aborts the process at exit ("terminate called
+        # without an active exception"), which would turn a finished run into a failed job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main() -> None:
