@@ -6,12 +6,12 @@ dropped, replicated to a few thousand conversations and written once as a JSONL 
 (``shared/tokenizers/qwen2``). What is timed:
 
 * ``sftdist``: ``prepare_source(source, cfg, tokenizer, max_length=..., seed=0)`` with a fresh
-  ``DataConfig.cache_dir`` (cold: read the file, render + tokenise + mask every assistant turn, filter, write the
-  Arrow cache) and then the same call again (warm: it only finds the cache entry).
+  ``DataConfig.cache_dir`` (cold: read the file, render + tokenise + mask every assistant turn, filter,
+  write the Arrow cache) and then the same call again (warm: it only finds the cache entry).
 * ``trl``: ``datasets.load_dataset("json", ...)`` of the same file into a fresh datasets cache, plus
   ``SFTTrainer._prepare_dataset`` as the ``SFTTrainer`` constructor runs it (tokenise with
-  ``apply_chat_template``, build labels, truncate, drop fully masked rows). Warm = the same again with the same
-  datasets cache, where ``Dataset.map`` may find its cached results.
+  ``apply_chat_template``, build labels, truncate, drop fully masked rows). Warm = the same again with the
+  same datasets cache, where ``Dataset.map`` may find its cached results.
 
 TRL runs twice per ``num_proc``: without masks (``assistant_only_loss=False``, the stock template: every token
 is trained, i.e. less work than sftdist) and with masks (``assistant_only_loss=True``), for which the qwen2
@@ -59,7 +59,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shared helpers
 
 
@@ -70,13 +70,15 @@ def load_tokenizer(path: str, *, marked: bool = False):
     if marked:
         tpl = tok.chat_template
         if ASSISTANT_PIECE not in tpl:
-            raise SystemExit(f"{path}: chat template has no {ASSISTANT_PIECE!r}; cannot add {{% generation %}} markers")
+            raise SystemExit(f"{path}: chat template has no {ASSISTANT_PIECE!r}; "
+                             "cannot add {% generation %} markers")
         tok.chat_template = tpl.replace(ASSISTANT_PIECE, ASSISTANT_MARKED)
     return tok
 
 
 def read_conversations(path: Path) -> list[list[dict]]:
-    """``messages`` of every record of a LLaMA-Factory messages file (other columns, e.g. ``label``, dropped)."""
+    """``messages`` of every record of a LLaMA-Factory messages file (other columns, e.g. ``label``,
+    dropped)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     return [[{"role": m["role"], "content": m["content"]} for m in row["messages"]] for row in data]
 
@@ -119,8 +121,8 @@ def _own_cpu() -> float:
 
 
 def measure(fn):
-    """Run ``fn``; returns its result, wall seconds, our CPU seconds (incl. reaped workers) and the CPU seconds
-    that other processes on the machine used meanwhile (contention)."""
+    """Run ``fn``; returns its result, wall seconds, our CPU seconds (incl. reaped workers) and the CPU
+    seconds that other processes on the machine used meanwhile (contention)."""
     b0, c0, t0 = _busy_jiffies(), _own_cpu(), time.perf_counter()
     out = fn()
     wall, cpu = time.perf_counter() - t0, _own_cpu() - c0
@@ -135,7 +137,8 @@ def others_busy(seconds: float = 1.0) -> float:
 
 
 def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    """Wait (up to ``max_wait`` s) until under ``threshold`` of the CPUs are busy; returns the last reading."""
+    """Wait (up to ``max_wait`` s) until under ``threshold`` of the CPUs are busy; returns the last
+    reading."""
     deadline = time.monotonic() + max(max_wait, 0.0)
     busy = others_busy()
     while busy > threshold and time.monotonic() < deadline:
@@ -155,8 +158,8 @@ def best(runs: list[dict], phase: str) -> dict:
 
 
 def repeat(a, one) -> list[dict]:
-    """``a.repeats`` runs of ``one(index)``; then, while the best cold run was contended, up to ``a.retries`` more
-    after waiting for a quiet machine, as long as ``a.deadline`` (epoch seconds) allows."""
+    """``a.repeats`` runs of ``one(index)``; then, while the best cold run was contended, up to ``a.retries``
+    more after waiting for a quiet machine, as long as ``a.deadline`` (epoch seconds) allows."""
     runs = [one(r) for r in range(a.repeats)]
     for _ in range(a.retries):
         if (contention(best(runs, "cold"), "cold") or 0.0) <= CONTENDED:
@@ -169,7 +172,7 @@ def repeat(a, one) -> list[dict]:
     return runs
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # workers (one subprocess per case)
 
 
@@ -187,7 +190,10 @@ def worker_sftdist(a) -> dict:
     def one(r: int) -> dict:
         cfg = DataConfig(sources=[source], train_on="assistant", truncation="truncate", audit_samples=0,
                          num_proc=a.num_proc, cache_dir=str(Path(a.workdir) / f"sftdist-cache-{r}"))
-        prep = lambda: prepare_source(source, cfg, tok, max_length=a.max_length, seed=0)  # noqa: E731
+
+        def prep():
+            return prepare_source(source, cfg, tok, max_length=a.max_length, seed=0)
+
         d, cold, cold_cpu, cold_others = measure(prep)
         d2, warm, warm_cpu, warm_others = measure(prep)
         assert d2 == d, (d, d2)
@@ -241,12 +247,14 @@ def worker_trl(a) -> dict:
         load = time.perf_counter() - t0
         args = SFTConfig(output_dir=str(Path(a.workdir) / "trl-out"), max_length=a.max_length,
                          dataset_num_proc=a.num_proc, assistant_only_loss=masks, packing=False,
-                         bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no")
+                         bf16=False, use_cpu=True, report_to="none", save_strategy="no",
+                         logging_strategy="no")
         model = tiny_model()
         t0 = time.perf_counter()
         trainer = TimedSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
         ctor = time.perf_counter() - t0
-        return {"load_dataset": load, "prepare_dataset": timings["prepare"], "constructor": ctor}, trainer.train_dataset
+        parts = {"load_dataset": load, "prepare_dataset": timings["prepare"], "constructor": ctor}
+        return parts, trainer.train_dataset
 
     last: dict = {}
 
@@ -263,7 +271,8 @@ def worker_trl(a) -> dict:
                 "cold_others": cold_others, "cold_parts": parts_c, "cold_span": span_c,
                 "warm_s": parts_w["load_dataset"] + parts_w["prepare_dataset"], "warm_cpu": warm_cpu,
                 "warm_others": warm_others, "warm_parts": parts_w, "warm_span": span_w,
-                "cache_files_cold": files_cold, "cache_files_written_warm": _count_cache_files(cache) - files_cold}
+                "cache_files_cold": files_cold,
+                "cache_files_written_warm": _count_cache_files(cache) - files_cold}
 
     runs = repeat(a, one)
     out_ds = last["ds"]
@@ -284,12 +293,13 @@ def worker_trl(a) -> dict:
     return res
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # parent
 
 
 def check_same_rendering(tokenizer: str, conversations: list[list[dict]]) -> None:
-    """The marked template must render exactly the text of the stock one, or the TRL-with-masks row is unfair."""
+    """The marked template must render exactly the text of the stock one, or the TRL-with-masks row is
+    unfair."""
     stock, marked = load_tokenizer(tokenizer), load_tokenizer(tokenizer, marked=True)
     for i, m in enumerate(conversations):
         if stock.apply_chat_template(m, tokenize=False) != marked.apply_chat_template(m, tokenize=False):
@@ -311,7 +321,8 @@ def versions() -> dict:
 def machine() -> dict:
     def sh(cmd: str) -> str:
         try:
-            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20,
+                                  check=False).stdout.strip()
         except Exception:  # noqa: BLE001
             return "?"
 
@@ -320,7 +331,8 @@ def machine() -> dict:
     model = sh("lscpu | grep 'Model name'").split(":", 1)[-1].strip() or platform.processor()
     head = sh(f"git -C {REPO} rev-parse --short HEAD")
     dirty = sh(f"git -C {REPO} status --porcelain --untracked-files=no -- sftdist")
-    return {"nproc": sh("nproc"), "cpu": model, "ram_gib": round(mem_kb / 2**20, 1), "os": platform.platform(),
+    return {"nproc": sh("nproc"), "cpu": model, "ram_gib": round(mem_kb / 2**20, 1),
+            "os": platform.platform(),
             "sftdist_commit": head + (" (+ uncommitted changes in sftdist/)" if dirty else "")}
 
 
@@ -339,7 +351,7 @@ def run_case(framework: str, num_proc, a, records: Path, tmp: Path, probe: bool 
     env = {**os.environ, **OFFLINE_ENV, "HF_DATASETS_CACHE": str(work / "hf-default-cache"),
            "HF_HOME": str(work / "hf-home")}
     busy_before = wait_for_quiet(a.quiet_wait)
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         sys.stderr.write(p.stdout[-4000:] + p.stderr[-8000:])
         raise SystemExit(f"{framework} num_proc={num_proc} failed (exit {p.returncode})")
@@ -354,8 +366,8 @@ def fmt_rate(x: float) -> str:
 
 
 def build_table(cases: list[dict], n: int) -> str:
-    head = ("| framework | masks | num_proc | cache | conversations | seconds | conversations/s | tokens/s | CPU s | "
-            "others' CPU | notes |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    head = ("| framework | masks | num_proc | cache | conversations | seconds | conversations/s | tokens/s | "
+            "CPU s | others' CPU | notes |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     lines = [head]
     for c in cases:
         res = c["result"]
@@ -371,7 +383,8 @@ def build_table(cases: list[dict], n: int) -> str:
                 fw = "TRL `load_dataset` + `SFTTrainer._prepare_dataset`"
                 masks = ("assistant_only_loss (marked template)" if c["framework"] == "trl-masks"
                          else "none (every token trained)")
-                note = (f"load_dataset {parts['load_dataset']:.2f} s + prepare {parts['prepare_dataset']:.2f} s; "
+                note = (f"load_dataset {parts['load_dataset']:.2f} s + "
+                        f"prepare {parts['prepare_dataset']:.2f} s; "
                         f"whole constructor {parts['constructor']:.2f} s")
                 if phase == "warm":
                     note += ("; `map` cache hit" if r["cache_files_written_warm"] == 0
@@ -398,21 +411,49 @@ def check_outputs(cases: list[dict]) -> list[str]:
         r = c["result"]
         same_ids = r["ids_digest"] == ref["ids_digest"]
         same_labels = r["labels_digest"] == ref["labels_digest"]
-        notes.append(f"- {c['framework']} num_proc={np_label(c['num_proc'])}: {r['rows']:,} rows, {r['tokens']:,} "
-                     f"tokens, {r['supervised']:,} supervised, {r['truncated_to_max']} truncated to max_length; "
-                     f"input_ids {'identical to' if same_ids else 'DIFFER from'} sftdist's, labels "
-                     f"{'identical' if same_labels else 'differ'}"
-                     + (" (expected: no masks)" if c["framework"] == "trl-nomask" and not same_labels else ""))
+        expected = " (expected: no masks)" if c["framework"] == "trl-nomask" and not same_labels else ""
+        notes.append(f"- {c['framework']} num_proc={np_label(c['num_proc'])}: {r['rows']:,} rows, "
+                     f"{r['tokens']:,} tokens, {r['supervised']:,} supervised, "
+                     f"{r['truncated_to_max']} truncated to max_length; "
+                     f"input_ids {'identical to' if same_ids else 'DIFFER from'} sftdist's, "
+                     f"labels {'identical' if same_labels else 'differ'}{expected}")
     return notes
 
 
+def summary(cases: list[dict]) -> list[str]:
+    """sftdist's cold time against TRL's at the same num_proc (and TRL in-process), CPU time and warm
+    times."""
+    runs = {(c["framework"], c["num_proc"]): c["result"]["runs"] for c in cases}
+    cold = {k: best(v, "cold") for k, v in runs.items()}
+    lines = []
+    for p in [c["num_proc"] for c in cases if c["framework"] == "sftdist"]:
+        ref = cold[("sftdist", p)]["cold_s"]
+        parts = []
+        for fw, label in (("trl-masks", "TRL with the same masks"), ("trl-nomask", "TRL without masks")):
+            for q in ([p, None] if fw == "trl-masks" and p == 1 else [p]):
+                if (fw, q) in cold:
+                    t = cold[(fw, q)]["cold_s"]
+                    where = " in-process" if q is None else ""
+                    parts.append(f"{label}{where} {t:.2f} s (sftdist/TRL = {ref / t:.2f})")
+        if parts:
+            lines.append(f"- Cold, num_proc={p}: sftdist {ref:.2f} s vs " + ", ".join(parts) + ".")
+    per_fw: dict[str, list[str]] = {}
+    for (fw, q), r in cold.items():
+        per_fw.setdefault(fw, []).append(f"{r['cold_cpu']:.1f} s ({np_label(q)})")
+    cpu = "; ".join(f"{fw} {', '.join(v)}" for fw, v in per_fw.items())
+    lines.append(f"- CPU time of the cold runs (all processes): {cpu}.")
+    warm = [best(v, "warm")["warm_s"] for v in runs.values()]
+    lines.append(f"- Warm (cache found): {min(warm):.2f}-{max(warm):.2f} s on every row.")
+    return lines
+
+
 def write_results(section: str) -> None:
-    header = ("# Benchmarks\n\nMeasured numbers from the scripts in `bench/` (see `bench/README.md`). Each script "
-              "rewrites its own section, between its markers, with its latest run.\n")
+    header = ("# Benchmarks\n\nMeasured numbers from the scripts in `bench/` (see `bench/README.md`). "
+              "Each script rewrites its own section, between its markers, with its latest run.\n")
     text = RESULTS.read_text() if RESULTS.exists() else header
     block = f"{BEGIN}\n{section.rstrip()}\n{END}"
     if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.DOTALL)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
@@ -426,15 +467,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LLaMA-Factory messages JSON file")
     ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-    ap.add_argument("--replicas", type=int, default=15, help="copies of the records (300 x 15 = 4,500 conversations)")
+    ap.add_argument("--replicas", type=int, default=15,
+                    help="copies of the records (300 x 15 = 4,500 conversations)")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--num-proc", type=parse_num_proc, nargs="+", default=[1, 2],
-                    help="num_proc values for every framework (sftdist DataConfig.num_proc, TRL dataset_num_proc)")
+                    help="num_proc values for every framework (sftdist DataConfig.num_proc, "
+                    "TRL dataset_num_proc)")
     ap.add_argument("--trl-in-process", action=argparse.BooleanOptionalAction, default=True,
                     help="also run TRL with masks at its default dataset_num_proc=None (no worker pool)")
     ap.add_argument("--frameworks", nargs="+", default=["sftdist", "trl-nomask", "trl-masks"],
                     choices=["sftdist", "trl-nomask", "trl-masks"])
-    ap.add_argument("--repeats", type=int, default=2, help="cold+warm repeats per case; the fastest is reported")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="cold+warm repeats per case; the fastest uncontended one is reported")
     ap.add_argument("--retries", type=int, default=2,
                     help="extra repeats of a case whose best cold run was slowed by other processes")
     ap.add_argument("--budget", type=float, default=200.0,
@@ -490,15 +534,18 @@ def main() -> None:
 
     table = build_table(cases, n)
     print(table)
+    lines = summary(cases)
+    print("\n".join(lines))
     checks = check_outputs(cases)
     print("\n".join(checks))
     probe = next((c["result"].get("probe_stock_assistant_only") for c in cases if "probe_stock_assistant_only"
                   in c["result"]), None)
     if probe:
         print(f"TRL assistant_only_loss=True with the stock qwen2 template: {probe}")
-    busy = ", ".join(f"{c['framework']}/{np_label(c['num_proc'])} {c['result']['busy_before']:.0%}" for c in cases)
-    print(f"total wall time {total:.0f} s; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end",
-          file=sys.stderr)
+    busy = ", ".join(f"{c['framework']}/{np_label(c['num_proc'])} {c['result']['busy_before']:.0%}"
+                     for c in cases)
+    print(f"total wall time {total:.0f} s; load average {load_start[0]:.2f} at start, "
+          f"{load_end[0]:.2f} at end", file=sys.stderr)
     if a.no_results:
         return
 
@@ -510,29 +557,33 @@ def main() -> None:
 Command: `{cmd.strip()}` (total wall time {total:.0f} s).
 
 - Machine: {m['nproc']} CPUs (`nproc`), {m['cpu']}, {m['ram_gib']} GiB RAM, {m['os']}; no GPU.
-- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, tokenizers {v['tokenizers']},
-  datasets {v['datasets']}, trl {v['trl']}, accelerate {v['accelerate']}; sftdist {v['sftdist']} at
-  {m['sftdist_commit']}.
+- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']},
+  tokenizers {v['tokenizers']}, datasets {v['datasets']}, trl {v['trl']}, accelerate {v['accelerate']};
+  sftdist {v['sftdist']} at {m['sftdist_commit']}.
 - Records: `{a.data.name}` ({n // a.replicas} multi-turn conversations, `label` dropped) x {a.replicas} =
   {n:,} conversations, one JSONL file read by both. Tokenizer: `{Path(a.tokenizer).name}` (AutoTokenizer,
   offline). max_length {a.max_length}, truncation keeps the start.
-- seconds = file on disk -> tokenised dataset, the fastest uncontended of {a.repeats}+ repeats (each with fresh
-  caches; a case whose best cold run was contended gets up to {a.retries} more after waiting for quiet).
+- seconds = file on disk -> tokenised dataset, the fastest uncontended of {a.repeats}+ repeats (each with
+  fresh caches; a case whose best cold run was contended gets up to {a.retries} more after waiting for quiet).
   tokens/s counts the `input_ids` of the output (after truncation); warm rows divide the same counts by the
   warm time. CPU s = CPU time of the benchmark process and its reaped `datasets` workers over the same span
   (for TRL, the whole `load_dataset` + `SFTTrainer(...)` pass). others' CPU = share of the machine's CPUs used
-  by other processes meanwhile (`/proc/stat`; "–" for spans under {MIN_SPAN:.0f} s): the machine is shared, and
-  rows where others used more than {CONTENDED:.0%} are marked **contended** (their seconds are inflated; CPU s
-  much less so).
+  by other processes meanwhile (`/proc/stat`; "–" for spans under {MIN_SPAN:.0f} s): the machine is
+  shared, and rows where others used more than {CONTENDED:.0%} are marked **contended** (their seconds
+  are inflated; CPU s much less so).
 - Load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; CPU busy before each case: {busy}.
 
 {table}
 
-Output check (order-sensitive hash of every row's `input_ids` / `labels`, against sftdist num_proc={cases[0]['num_proc']}):
+{chr(10).join(lines)}
+- What each side does and does not do (masks, validation, audit, cache, truncation): `bench/README.md`.
+
+Output check (order-sensitive hash of every row's `input_ids` / `labels`, against sftdist
+num_proc={cases[0]['num_proc']}):
 
 {chr(10).join(checks)}
-""" + (f"- TRL `assistant_only_loss=True` with the stock qwen2 template (no `{{% generation %}}` markers): `{probe}`\n"
-       if probe else "")
+""" + (f"- TRL `assistant_only_loss=True` with the stock qwen2 template (no `{{% generation %}}` "
+       f"markers): `{probe}`\n" if probe else "")
     write_results(section)
     print(f"updated {RESULTS}", file=sys.stderr)
 
