@@ -299,16 +299,21 @@ def grad_accum_steps(train: TrainConfig, dp_world: int) -> int:
     return train.global_batch_size // (train.micro_batch_size * dp_world)
 
 
-def compose_config(overrides: list[str]) -> SFTConfig:
-    """The typed config that ``python -m sftdist.train overrides...`` would run with (for the CLIs that
-    are not Hydra apps themselves: sftdist-launch, sftdist-prepare, sftdist-data)."""
+def compose_raw(overrides: list[str]):
+    """The composed ``DictConfig`` that ``python -m sftdist.train overrides...`` would start from."""
     from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
 
     register_configs()
     with initialize_config_module(config_module="sftdist.conf", version_base=None):
-        raw = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_object(raw)
+        return compose(config_name="config", overrides=overrides)
+
+
+def compose_config(overrides: list[str]) -> SFTConfig:
+    """The typed config that ``python -m sftdist.train overrides...`` would run with (for the CLIs that
+    are not Hydra apps themselves: sftdist-launch, sftdist-prepare, sftdist-data)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(compose_raw(overrides))
 
 
 def register_configs() -> None:

@@ -52,14 +52,9 @@ def shared_dir() -> Path:
 
 def compose(overrides: list[str] | None = None):
     """The composed DictConfig for ``overrides``, as ``python -m sftdist.train`` would see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from sftdist.config import compose_raw
 
-    from sftdist.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="sftdist.conf", version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides or [])
+    return compose_raw(overrides or [])
 
 
 def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import random
 from sftdist.config import DataSource
 from sftdist.data.messages import DataError, to_conversation
 from sftdist.data.sources import read_records
-from sftdist.data.tokenize import IGNORE_INDEX, encode_conversation, trained_turns
+from sftdist.data.tokenize import encode_conversation, supervised_runs, trained_turns
 
 
 def supervised_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]:
@@ -24,15 +24,7 @@ def supervised_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]
         >>> supervised_spans([5, 6, 7, 8, 9], [-100, 6, 7, -100, 9])
         [[6, 7], [9]]
     """
-    spans: list[list[int]] = []
-    current: list[int] = []
-    for tok, lab in zip(input_ids, labels):
-        if lab != IGNORE_INDEX:
-            current.append(tok)
-        elif current:
-            spans.append(current)
-            current = []
-    return spans + ([current] if current else [])
+    return [ids for supervised, ids in supervised_runs(input_ids, labels) if supervised]
 
 
 def _special_ids(tokenizer) -> set[int]:

@@ -11,7 +11,7 @@ from typing import Optional
 from sftdist.data import SourceData, TrainData, mix_report
 from sftdist.data.loader import SampleSchedule
 from sftdist.data.prepare import OK_STATUSES
-from sftdist.data.tokenize import IGNORE_INDEX
+from sftdist.data.tokenize import supervised_runs
 
 ANSI_SUPERVISED, ANSI_PROMPT, ANSI_RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 LEGEND = {"plain": "supervised tokens are between [[ and ]]",
@@ -23,28 +23,6 @@ HTML_STYLE = """body{font-family:sans-serif;margin:2em}
 pre{white-space:pre-wrap;background:#fafafa;padding:.6em;border:1px solid #ddd}
 .prompt{color:#888}.sup{background:#d6f5d6;color:#000}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}td:first-child{text-align:left}"""
-
-
-def supervised_runs(input_ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
-    """Split a sample into maximal runs of supervised and unsupervised tokens.
-
-    Labels are aligned with ``input_ids`` (not shifted). Position 0 counts as unsupervised whatever its
-    label: nothing predicts the first token, so the loss never trains it (``text`` sources label it).
-
-    Example:
-        >>> supervised_runs([5, 6, 7, 8, 2, 9], [-100, -100, 7, 8, 2, -100])
-        [(False, [5, 6]), (True, [7, 8, 2]), (False, [9])]
-        >>> supervised_runs([9, 10, 11], [9, 10, 11])  # the first token is never a target
-        [(False, [9]), (True, [10, 11])]
-    """
-    runs: list[tuple[bool, list[int]]] = []
-    for i, (tok, lab) in enumerate(zip(input_ids, labels)):
-        sup = i > 0 and lab != IGNORE_INDEX
-        if runs and runs[-1][0] == sup:
-            runs[-1][1].append(tok)
-        else:
-            runs.append((sup, [tok]))
-    return runs
 
 
 def decode_runs(tokenizer, runs: list[tuple[bool, list[int]]]) -> list[tuple[bool, str]]:

@@ -302,24 +302,6 @@ def to_conversation(row: dict[str, Any], fmt: str, where: str,
     return messages, _parse_tools(_get(row, "tools", columns), where)
 
 
-def to_messages(row: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    """The messages of a ``messages``-format record: ``to_conversation(row, "messages", where)[0]``.
-
-    Example:
-        >>> to_messages({"messages": [{"role": "user", "content": "Hi"},
-        ...                           {"role": "assistant", "content": "Hello"}]}, "f.jsonl: line 1")
-        [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
-
-    Args:
-        row: One record with a ``messages`` list.
-        where: ``file: record`` prefix for error messages.
-
-    Raises:
-        DataError: as ``to_conversation``.
-    """
-    return to_conversation(row, "messages", where)[0]
-
-
 def to_text(row: dict[str, Any], where: str, columns: dict[str, str] | None = None) -> str:
     """Validate a ``text``-format record and return its document.
 

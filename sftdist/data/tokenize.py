@@ -136,3 +136,25 @@ def encode_text(tokenizer, text: str, *, max_length: Optional[int] = None) -> di
     if max_length is not None:
         ids = ids[:max_length]
     return {"input_ids": ids, "labels": list(ids)}
+
+
+def supervised_runs(input_ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
+    """Split a sample into maximal runs of supervised and unsupervised tokens.
+
+    Labels are aligned with ``input_ids`` (not shifted). Position 0 counts as unsupervised whatever its
+    label: nothing predicts the first token, so the loss never trains it (``text`` sources label it).
+
+    Example:
+        >>> supervised_runs([5, 6, 7, 8, 2, 9], [-100, -100, 7, 8, 2, -100])
+        [(False, [5, 6]), (True, [7, 8, 2]), (False, [9])]
+        >>> supervised_runs([9, 10, 11], [9, 10, 11])  # the first token is never a target
+        [(False, [9]), (True, [10, 11])]
+    """
+    runs: list[tuple[bool, list[int]]] = []
+    for i, (tok, lab) in enumerate(zip(input_ids, labels)):
+        sup = i > 0 and lab != IGNORE_INDEX
+        if runs and runs[-1][0] == sup:
+            runs[-1][1].append(tok)
+        else:
+            runs.append((sup, [tok]))
+    return runs

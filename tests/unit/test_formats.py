@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sftdist.data.messages import FORMATS, ROLES, DataError, to_conversation, to_messages, to_text
+from sftdist.data.messages import FORMATS, ROLES, DataError, to_conversation, to_text
 
 WHERE = "/data/x.jsonl: line 17"
 
@@ -89,10 +89,10 @@ def test_prompt_completion_strings_and_conversational():
                                                                   bot("Hello")], None)
 
 
-def test_text_and_to_messages_wrapper():
+def test_text_and_plain_messages():
     assert to_text({"text": "A document."}, WHERE) == "A document."
     row = {"messages": [user("Hi"), bot("Yo")]}
-    assert to_messages(row, WHERE) == [user("Hi"), bot("Yo")] == to_conversation(row, "messages", WHERE)[0]
+    assert to_conversation(row, "messages", WHERE)[0] == [user("Hi"), bot("Yo")]
     assert FORMATS == ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
     assert ROLES == ("system", "user", "assistant", "tool")
 
@@ -121,7 +121,7 @@ def test_content_parts_as_read_by_datasets_with_both_keys():
     # datasets unifies part schemas across a file: a part spelled with "value" also gets "text": None.
     row = {"messages": [{"role": "user", "content": [{"type": "text", "text": None, "value": "hi"}]},
                         {"role": "assistant", "content": [{"type": "text", "text": "yo", "value": None}]}]}
-    assert to_messages(row, WHERE) == [user("hi"), bot("yo")]
+    assert to_conversation(row, "messages", WHERE)[0] == [user("hi"), bot("yo")]
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -131,7 +131,7 @@ def test_content_parts_as_read_by_datasets_with_both_keys():
 ])
 def test_train_flag_only_when_record_sets_it(flags, expected):
     row = {"messages": [user("q"), {"role": "assistant", "content": "a", **flags}]}
-    reply = to_messages(row, WHERE)[1]
+    reply = to_conversation(row, "messages", WHERE)[0][1]
     assert reply.get("train") is expected and ("train" in reply) == (expected is not None)
     assert "loss_weight" not in reply
 
