@@ -35,6 +35,8 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
         _, data, schedule, dirs = load_data(cfg)
     except (ConfigError, DataError) as e:
         sys.exit(f"sftdist-prepare: error: {e}")
+    for warning in data.warnings:
+        print(f"warning: {warning}")
     for row, d in zip(mix_report(data, schedule), dirs):
         print(f"{row['source']}: {row['kept']}/{row['records']} records kept {row['statuses']}; "
               f"{row['sample_share']:.1%} of samples, {row['supervised_token_share']:.1%} of supervised tokens; "

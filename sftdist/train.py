@@ -184,6 +184,8 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
 
 
 def log_data_report(data: TrainData, schedule: SampleSchedule) -> None:
+    for warning in data.warnings:
+        log(f"warning: {warning}")
     for r in mix_report(data, schedule):
         skipped = {k: v for k, v in r["statuses"].items() if k != "ok"}
         log(f"data {r['source']}: {r['kept']}/{r['records']} records kept{f' {skipped}' if skipped else ''}; per epoch "

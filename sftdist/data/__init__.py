@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sftdist.config import DataConfig
-from sftdist.data.audit import audit_source
+from sftdist.data.audit import audit_source, template_warnings
 from sftdist.data.loader import SampleSchedule, mix_counts
 from sftdist.data.messages import DataError
 from sftdist.data.prepare import prepare_source
@@ -45,6 +45,11 @@ class TrainData:
     def names(self) -> list[str]:
         return [s.name for s in self.sources]
 
+    @property
+    def warnings(self) -> list[str]:
+        """The mask audit's warnings, each once however many sources share a template."""
+        return list(dict.fromkeys(w for s in self.sources for w in s.stats.get("mask_warnings", [])))
+
     def get(self, source: int, record: int, split: str = "train") -> dict:
         """The example at ``(source, record)``, tagged with its source id."""
         row = getattr(self.sources[source], split)[record]
@@ -74,6 +79,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
             raise DataError(f"data source {source.name!r}: no usable record out of {stats['records']} "
                             f"({stats['statuses']})", "empty_source")
         stats["audited"] = audit_source(source, tokenizer, train_on=cfg.train_on, samples=cfg.audit_samples, seed=seed)
+        stats["mask_warnings"] = template_warnings(tokenizer) if source.format != "text" else []
         train = datasets.load_from_disk(str(d / "train"))
         evaluation = datasets.load_from_disk(str(d / "eval")) if (d / "eval").exists() else None
         sources.append(SourceData(source.name, source.weight, source.format, train, evaluation, stats))

@@ -1,10 +1,10 @@
-"""The mask audit: before any model is loaded, re-render a sample of every chat source and check the masks
-against the chat template, independently of how they were built.
+"""The mask audit: before any model is loaded, re-render a sample of every chat source and check its masks
+with the rules of ``sftdist.data.mask_rules``, which locate messages independently of the encoder (by
+re-rendering with sentinels, not by searching the reply text).
 
-Checks, per audited record:
-1. the token sequence equals ``tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)``;
-2. the supervised text holds every trained assistant reply, in order;
-3. every supervised span ends with a special (end-of-turn / EOS) token, so the model learns to stop.
+A failure stops the run with the source, record, tokenizer, template family and broken rule. A template
+that has no end-of-turn token is not an error (its replies are still exact), but the model cannot learn
+to stop, so the audit warns once.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import random
 
 from sftdist.config import DataSource
+from sftdist.data.mask_rules import MaskProblem, check_masks
 from sftdist.data.messages import DataError, to_conversation
 from sftdist.data.sources import read_records
+from sftdist.data.template_shape import template_shape
 from sftdist.data.tokenize import encode_conversation, supervised_runs, trained_turns
 
 
@@ -27,43 +29,22 @@ def supervised_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]
     return [ids for supervised, ids in supervised_runs(input_ids, labels) if supervised]
 
 
-def _special_ids(tokenizer) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    ids |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-    return ids
-
-
-def check_record(tokenizer, messages: list[dict], tools, train_on: str) -> list[str]:
+def check_record(tokenizer, messages: list[dict], tools, train_on: str) -> list[MaskProblem]:
     """Problems with one conversation's masks (empty list when it is exact)."""
     enc = encode_conversation(tokenizer, messages, tools=tools, train_on=train_on)
-    reference = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)
-    reference = list(reference["input_ids"] if hasattr(reference, "keys") else reference)
-    problems = []
-    if enc["input_ids"] != reference:
-        problems.append("token sequence differs from apply_chat_template(tokenize=True)")
-    if train_on == "all":
-        return problems
-    spans = supervised_spans(enc["input_ids"], enc["labels"])
-    special = _special_ids(tokenizer)
-    for span in spans:
-        if span[-1] not in special:
-            problems.append(f"supervised span {tokenizer.decode(span)!r} does not end with an end-of-turn token")
-    text = "".join(tokenizer.decode(s) for s in spans)
-    full_text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-    pos = 0
-    for i in trained_turns(messages, train_on):
-        turn_text = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
-        if not full_text.startswith(turn_text.rstrip()):
-            continue  # a history-rewriting template renders this turn differently later; it stays unsupervised
-        content = messages[i]["content"].strip()
-        if content not in full_text:
-            continue  # the template does not render this content at all (e.g. text beside tool calls)
-        found = text.find(content, pos) if content else pos
-        if found < 0:
-            problems.append(f"assistant turn {i} ({content[:40]!r}...) is not in the supervised text")
-        else:
-            pos = found + len(content)
-    return problems
+    return check_masks(tokenizer, messages, tools, enc, trained_turns(messages, train_on), train_on)
+
+
+def template_warnings(tokenizer) -> list[str]:
+    """What the audit says once about a tokenizer's chat template, however many sources use it."""
+    shape = template_shape(tokenizer)
+    if shape.probe_error:
+        return [f"chat template ({shape.family}) could not render a plain two-turn probe conversation "
+                f"({shape.probe_error}); replies are trained without an end-of-turn token"]
+    if shape.end_of_turn is None:
+        return [f"chat template ({shape.family}) has no end-of-turn token: nothing special closes a reply, so "
+                f"the model will not learn to stop (add an EOS/end-of-turn token to the template)"]
+    return []
 
 
 def audit_source(source: DataSource, tokenizer, *, train_on: str, samples: int, seed: int) -> int:
@@ -94,6 +75,6 @@ def audit_source(source: DataSource, tokenizer, *, train_on: str, samples: int, 
             continue
         if problems:
             raise DataError(f"mask audit failed for data source {source.name!r}, {where}, with the chat template of "
-                            f"tokenizer {tokenizer.name_or_path!r}: {'; '.join(problems)}", "mask_audit")
+                            f"tokenizer {tokenizer.name_or_path!r}: {'; '.join(map(str, problems))}", "mask_audit")
         audited += 1
     return audited

@@ -162,7 +162,7 @@ def inspect_report(tokenizer, data: TrainData, schedule: SampleSchedule, *, n: i
         The report; it names ``html_path`` when one was written.
     """
     style = "ansi" if color else "plain"
-    lines = [f"sftdist data inspect: {LEGEND[style]}", ""]
+    lines = [f"sftdist data inspect: {LEGEND[style]}", *(f"warning: {w}" for w in data.warnings), ""]
     for src in data.sources:
         for title, body in render_samples(tokenizer, src, n, style):
             lines += [f"=== {title}", body, ""]

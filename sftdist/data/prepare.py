@@ -23,7 +23,7 @@ from sftdist.data.messages import DataError, to_conversation, to_text
 from sftdist.data.sources import is_local, read_records, source_files
 from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_conversation, encode_text
 
-PIPELINE_VERSION = 1  # bump when encoding changes, to invalidate every cache entry
+PIPELINE_VERSION = 2  # bump when encoding changes, to invalidate every cache entry
 OK_STATUSES = ("ok", "truncated")
 LENGTH_STATUSES = ("dropped_too_long", "dropped_no_target")  # counted, never an error
 

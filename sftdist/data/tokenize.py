@@ -1,23 +1,32 @@
 """Render conversations with the tokenizer's own chat template and label exactly the trained tokens.
 
-Masks come from token spans, never from string prefixes: for assistant turn ``i`` the prompt is the render
-of ``messages[:i]`` with the generation prompt, and the turn ends where the render of ``messages[:i+1]``
-ends, minus trailing whitespace that the template puts after its end-of-turn token. Both renders must be
-token-prefixes of the full conversation; a template for which that fails raises instead of mis-masking.
-The one tolerated exception is a template that rewrites history (e.g. drops the ``<think>`` block of
-earlier turns): an earlier turn whose text changes once later turns follow is left unsupervised, and the
-final turn, rendered exactly as at inference, is trained.
+The conversation is rendered **once** (``apply_chat_template(tokenize=False)``) and tokenized once, with
+character offsets, exactly as ``apply_chat_template(tokenize=True)`` tokenizes it. ``reply_spans`` finds
+each assistant reply's character span in that text (from the end of its generation prompt to the end of
+its end-of-turn token), and the offsets turn spans into token labels. No generation tags are needed, and
+the template may move the system prompt, rewrite history, or end a conversation with EOS.
+
+Token rule at the edges of a span: a token is trained when it *starts* inside the span. So a token that
+straddles the start (it holds the end of the generation prompt, which inference supplies) is not
+trained, and one that straddles the end (Falcon's ``.\n``: the reply's last character merged with the
+next turn's newline) is, since it ends the reply.
+
+Tokenizers without offsets (pure-Python ones) take a slower path with the same rule: each span edge is
+mapped to a token index by tokenizing the text before it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from sftdist.data.reply_spans import MaskError, ReplySpan, reply_spans
+from sftdist.data.template_shape import special_strings, template_shape
+
 IGNORE_INDEX = -100
+TRAIN_ON = ("assistant", "last", "all")
 
-
-class MaskError(ValueError):
-    """The chat template renders a conversation inconsistently, so no exact mask exists."""
+__all__ = ["IGNORE_INDEX", "MaskError", "TRAIN_ON", "encode_conversation", "encode_text", "render_and_tokenize",
+           "supervised_runs", "trained_turns"]
 
 
 def _render_text(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
@@ -41,6 +50,8 @@ def trained_turns(messages: list[dict[str, Any]], train_on: str) -> list[int]:
         >>> trained_turns(msgs, "assistant"), trained_turns(msgs, "last")
         ([1], [])
     """
+    if train_on not in TRAIN_ON:
+        raise MaskError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     default = set(assistant if train_on != "last" else assistant[-1:])
     for i, m in enumerate(messages):
@@ -53,22 +64,54 @@ def _wants_training(message: dict[str, Any], default: bool) -> bool:
     return default if message.get("train") is None else bool(message["train"])
 
 
-def _turn_end(tokenizer, ids: list[int], start: int) -> int:
-    """Index after the last trained token of a turn: drop trailing plain whitespace after end-of-turn."""
-    special = set(tokenizer.all_special_ids)
-    end = len(ids)
-    while end > start and ids[end - 1] not in special and not tokenizer.decode(ids[end - 1:end]).strip():
-        end -= 1
-    return end
+def render_and_tokenize(tokenizer, messages, tools=None) -> tuple[str, list[int], Optional[list[tuple[int, int]]]]:
+    """The rendered conversation, its token ids and each token's character offsets (``None`` when the
+    tokenizer cannot report offsets)."""
+    text = _render_text(tokenizer, messages, tools, add_generation_prompt=False)
+    if not getattr(tokenizer, "is_fast", False):
+        return text, _tokens(tokenizer, text), None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _labels_from_offsets(ids, offsets, spans: list[ReplySpan]) -> list[int]:
+    labels, k = [IGNORE_INDEX] * len(ids), 0
+    for i, (s, _) in enumerate(offsets):
+        while k < len(spans) and s >= spans[k].end:
+            k += 1
+        if k == len(spans):
+            break
+        if spans[k].start <= s:
+            labels[i] = ids[i]
+    return labels
+
+
+def _tokens_starting_before(tokenizer, text: str, ids: list[int], c: int) -> int:
+    """How many tokens of ``ids`` start before character ``c``, without offsets: the tokens that ``text[:c]``
+    shares with the whole, plus the one that straddles ``c`` if any."""
+    prefix = _tokens(tokenizer, text[:c])
+    n = 0
+    while n < min(len(prefix), len(ids)) and prefix[n] == ids[n]:
+        n += 1
+    return n if n == len(prefix) else min(n + 1, len(ids))
+
+
+def _labels_without_offsets(tokenizer, text, ids, spans: list[ReplySpan]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    for span in spans:
+        lo = _tokens_starting_before(tokenizer, text, ids, span.start)
+        hi = _tokens_starting_before(tokenizer, text, ids, span.end)
+        labels[lo:hi] = ids[lo:hi]
+    return labels
 
 
 def encode_conversation(tokenizer, messages: list[dict[str, Any]], *, tools: Optional[list] = None,
                         train_on: str = "assistant", max_length: Optional[int] = None) -> dict[str, list[int]]:
     """Tokenize a conversation with its chat template and mask everything but the trained replies.
 
-    Each trained assistant turn is supervised on its content plus the end-of-turn tokens the template
-    emits right after it, so the model learns to stop. Role headers, the generation prompt and all
-    system/user/tool text get ``-100``.
+    Each trained assistant turn is supervised from the end of its generation prompt through the
+    end-of-turn token the template emits after it, so the model learns to stop. Role headers, the
+    generation prompt and all system/user/tool text get ``-100``.
 
     Example (ChatML, one token per piece for readability; ``<e>`` = ``<|im_end|>``)::
 
@@ -80,42 +123,29 @@ def encode_conversation(tokenizer, messages: list[dict[str, Any]], *, tools: Opt
         tokenizer: A Hugging Face tokenizer with a chat template.
         messages: ``[{"role", "content"}, ...]`` with at least one assistant turn.
         tools: Tool schemas passed to the template.
-        train_on: ``assistant`` (every assistant turn), ``last`` (final assistant turn) or ``all``.
+        train_on: ``assistant`` (every assistant turn), ``last`` (final assistant turn) or ``all``
+            (every token).
         max_length: Truncate both lists to this many tokens.
 
     Returns:
         ``{"input_ids": [...], "labels": [...]}`` of equal length, ``-100`` where not supervised.
 
     Raises:
-        MaskError: if the template's renders of a conversation prefix are not token prefixes of the
-            whole conversation.
+        MaskError: when a trained reply's text is not in the rendered conversation at all.
     """
-    full_text = _render_text(tokenizer, messages, tools, add_generation_prompt=False)
-    full = _tokens(tokenizer, full_text)
+    text, ids, offsets = render_and_tokenize(tokenizer, messages, tools)
     if train_on == "all":
-        labels = list(full)
+        trained_turns(messages, train_on)  # still validates the per-message flags
+        labels = list(ids)
     else:
-        labels = [IGNORE_INDEX] * len(full)
-        turns = trained_turns(messages, train_on)
-        for i in turns:
-            prompt = _tokens(tokenizer, _render_text(tokenizer, messages[:i], tools, add_generation_prompt=True))
-            upto_text = _render_text(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
-            upto = _tokens(tokenizer, upto_text)
-            end = _turn_end(tokenizer, upto, len(prompt))
-            if upto[: len(prompt)] != prompt:
-                raise MaskError(f"the generation prompt before assistant turn {i} is not a token prefix of the "
-                                f"rendered turn")
-            if full[:end] != upto[:end]:
-                if i != turns[-1] and not full_text.startswith(upto_text.rstrip()):
-                    # The template rewrites history (e.g. drops earlier <think> blocks): this turn is
-                    # rendered differently once later turns follow, so it cannot be supervised in place.
-                    continue
-                raise MaskError(f"rendering up to assistant turn {i} is not a token prefix of the whole "
-                                f"conversation (tokens merge across the turn boundary)")
-            labels[len(prompt):end] = full[len(prompt):end]
+        wanted = set(trained_turns(messages, train_on))
+        special = special_strings(tokenizer)
+        spans = [s for s in reply_spans(text, messages, template_shape(tokenizer), special) if s.message in wanted]
+        labels = (_labels_from_offsets(ids, offsets, spans) if offsets is not None
+                  else _labels_without_offsets(tokenizer, text, ids, spans))
     if max_length is not None:
-        full, labels = full[:max_length], labels[:max_length]
-    return {"input_ids": full, "labels": labels}
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
 
 
 def encode_text(tokenizer, text: str, *, max_length: Optional[int] = None) -> dict[str, list[int]]:

@@ -10,12 +10,14 @@ import sftdist.data.audit
 import sftdist.data.collate
 import sftdist.data.loader
 import sftdist.data.messages
+import sftdist.data.reply_spans
+import sftdist.data.template_shape
 import sftdist.data.tokenize
 import sftdist.launch
 import sftdist.loss
 import sftdist.optim
 from sftdist.config import DataConfig, DataSource
-from sftdist.data import DataError, build_datasets, prepare_all
+from sftdist.data import DataError, build_datasets, encode_conversation, prepare_all
 from sftdist.data.demo import demo_conversations, demo_generic_texts
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -146,21 +148,44 @@ def test_demo_data_is_deterministic_and_varied():
 
 
 @pytest.mark.parametrize("module", [sftdist.data.audit, sftdist.data.collate, sftdist.data.loader,
-                                    sftdist.data.messages, sftdist.data.tokenize, sftdist.loss, sftdist.optim,
+                                    sftdist.data.messages, sftdist.data.tokenize, sftdist.data.reply_spans,
+                                    sftdist.data.template_shape, sftdist.loss, sftdist.optim,
                                     sftdist.launch])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_mask_audit_fails_a_template_without_end_of_turn_token(tmp_path, demo_tokenizer):
+def test_template_without_end_of_turn_token_trains_with_a_warning(tmp_path, demo_tokenizer):
     import copy
 
     tok = copy.deepcopy(demo_tokenizer)
-    # The model would never learn to stop: nothing special follows a reply.
+    # Nothing special follows a reply: masks are still exact, but the model would never learn to stop.
     tok.chat_template = ("{%- for m in messages %}{{- m['role'] + ':\\n' + m['content'] + '\\n\\n' }}{%- endfor %}"
                          "{%- if add_generation_prompt %}{{- 'assistant:\\n' }}{%- endif %}")
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 3)
+    data = build(data_cfg(tmp_path, DataSource(name="c", path=path)), tok)
+    assert data.sources[0].stats["audited"] == 3
+    assert len(data.warnings) == 1 and "has no end-of-turn token" in data.warnings[0]
+    row = data.get(0, 0)
+    supervised = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+    assert tok.decode(supervised).strip() == GOOD["messages"][-1]["content"]
+
+
+def test_mask_audit_names_the_template_and_rule(tmp_path, demo_tokenizer, monkeypatch):
+    """A wrong mask (here: an encoder that forgets the end-of-turn token) stops the run before training."""
+    import sftdist.data.audit as audit
+
+    def forgetful(tokenizer, messages, **kw):
+        enc = encode_conversation(tokenizer, messages, **kw)
+        labels = list(enc["labels"])
+        last = max(i for i, lab in enumerate(labels) if lab != -100)
+        labels[last] = -100
+        return {**enc, "labels": labels}
+
+    monkeypatch.setattr(audit, "encode_conversation", forgetful)
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 3)
     with pytest.raises(DataError, match=r"mask audit failed for data source 'c', .*c.jsonl: line \d.*"
-                                        r"does not end with an end-of-turn token"):
-        build(data_cfg(tmp_path, DataSource(name="c", path=path)), tok)
+                                        r"rule end_of_turn_trained: token \d+ '<\|im_end\|>' is not supervised "
+                                        r"\[ChatML/Qwen template"):
+        build(data_cfg(tmp_path, DataSource(name="c", path=path)), demo_tokenizer)

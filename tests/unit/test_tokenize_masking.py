@@ -137,7 +137,7 @@ REWRITING_TEMPLATE = (
 )
 
 
-def test_history_rewriting_template_gives_a_consistent_sequence(demo_tokenizer):
+def test_history_rewriting_template_trains_every_reply(demo_tokenizer):
     from sftdist.data.audit import check_record
 
     tok = demo_tokenizer
@@ -150,9 +150,27 @@ def test_history_rewriting_template_gives_a_consistent_sequence(demo_tokenizer):
                 {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n4 + 4 = 8."}]
         enc = encode_conversation(tok, msgs)
         assert enc["input_ids"] == list(tok.apply_chat_template(msgs, tokenize=True)["input_ids"])
-        # The earlier turn is rendered without its reasoning once a later turn follows, so it cannot be
-        # supervised in place; the final turn, rendered as at inference, is trained with its reasoning.
-        assert [tok.decode(s) for s in supervised_spans(enc)] == [msgs[3]["content"] + "<|im_end|>"]
+        # The earlier reply is rendered without its reasoning once a later turn follows: its answer is still
+        # assistant text and is trained (only the dropped reasoning cannot be); the final turn, rendered as
+        # at inference, is trained with its reasoning.
+        assert [tok.decode(s) for s in supervised_spans(enc)] == ["2 + 3 = 5.<|im_end|>", msgs[3]["content"] + "<|im_end|>"]
         assert check_record(tok, msgs, None, "assistant") == []
     finally:
         tok.chat_template = original
+
+
+def test_pure_python_tokenizer_without_offsets_masks_exactly():
+    """A tokenizer that reports no character offsets (ByT5, pure Python) takes the slower path: each span
+    edge is found by tokenizing the text before it. Same rule, same result."""
+    from transformers import ByT5Tokenizer
+
+    tok = ByT5Tokenizer(extra_ids=0, additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                         "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    tok.eos_token = "<|im_end|>"
+    assert not tok.is_fast
+    msgs = CONVERSATIONS["multi"]
+    enc = encode_conversation(tok, msgs)
+    assert enc["input_ids"] == list(tok.apply_chat_template(msgs, tokenize=True)["input_ids"])
+    want = [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
+    assert [tok.decode(s) for s in supervised_spans(enc)] == want

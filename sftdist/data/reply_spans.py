@@ -1,0 +1,186 @@
+"""Find, in one rendered conversation, the character span of every assistant reply a model generates.
+
+A reply's span runs from the end of its generation prompt (the assistant header) to the end of the
+end-of-turn token that closes it. It is found from the reply's own text, searched in message order, so it
+holds for templates that move the system prompt (Mistral v0.3), drop earlier turns' reasoning (Qwen3,
+DeepSeek-R1), append an EOS to finished conversations (Phi-3) or have no end-of-turn token (Falcon):
+
+* the anchor is the reply's content as rendered: verbatim, stripped, or (when the template drops
+  reasoning) the answer after ``</think>``; then the names of its tool calls, which lie after it;
+* the span starts after the last generation-prompt header in the text between the previous message and
+  the anchor, so scaffolding the model generates itself (``<think>\\n\\n</think>\\n\\n``) is trained; when
+  no header is found there (templates that render the header with the user turn) it starts at the
+  anchor, taking in the spaces right before it, which tokenizers merge into the reply's first word;
+* the span ends at the first end-of-turn token after the anchor that comes before the next message's
+  text (and at an EOS right after it, which some templates append to a finished conversation), or at
+  the anchor's end when there is none (the model then never sees a stop token).
+
+A reply the template does not render at all (empty content, tool calls a template ignores) has no span:
+there is nothing of it to train.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from sftdist.data.template_shape import TemplateShape
+
+
+class MaskError(ValueError):
+    """The chat template renders a conversation so that no exact mask can be derived."""
+
+
+@dataclass(frozen=True)
+class ReplySpan:
+    """Where assistant message ``message`` sits in the rendered text, as character offsets.
+
+    ``start <= anchor_start <= anchor_end <= end``: ``[start, end)`` is trained, ``[anchor_start,
+    anchor_end)`` is the located reply text, and ``eot`` says whether ``end`` closes an end-of-turn token.
+    """
+
+    message: int
+    start: int
+    anchor_start: int
+    anchor_end: int
+    end: int
+    eot: bool
+
+
+def reply_texts(content: str) -> list[str]:
+    """The forms in which a template may render an assistant reply, most faithful first.
+
+    Example:
+        >>> reply_texts("<think>\\nhm\\n</think>\\n\\n Paris. ")
+        ['<think>\\nhm\\n</think>\\n\\n Paris. ', '<think>\\nhm\\n</think>\\n\\n Paris.', ' Paris. ', 'Paris.', 'hm']
+    """
+    forms = [content, content.strip()]
+    if "</think>" in content:  # templates that drop the reasoning of earlier turns keep only the answer
+        answer = content.split("</think>")[-1]
+        forms += [answer.lstrip("\n"), answer.strip()]
+        # Last resort: the reasoning alone, which Qwen3 keeps when the answer after it is empty.
+        forms.append(content.split("</think>")[0].split("<think>")[-1].strip())
+    return [f for f in dict.fromkeys(forms) if f]
+
+
+def _find_any(text: str, forms: list[str], start: int) -> Optional[tuple[int, int]]:
+    for form in forms:
+        pos = text.find(form, start)
+        if pos >= 0:
+            return pos, pos + len(form)
+    return None
+
+
+def _plain_texts(message: dict[str, Any]) -> list[str]:
+    content = message.get("content") or ""
+    return [f for f in dict.fromkeys([content, content.strip()]) if f]
+
+
+def _forms(message: dict[str, Any]) -> list[str]:
+    return reply_texts(message.get("content") or "") if message["role"] == "assistant" else _plain_texts(message)
+
+
+def _anchor(text: str, message: dict[str, Any], cursor: int, later: list[dict[str, Any]]) -> Optional[tuple[int, int]]:
+    """The reply's rendered content and tool-call names, as one character range after ``cursor``.
+
+    Tool-call names are searched only before the text of the first later message found (``later``): a
+    template that does not render tool calls may still name the function later, in a tool's response or
+    in the next reply's reasoning.
+    """
+    found = _find_any(text, reply_texts(message.get("content") or ""), cursor)
+    start, end = found if found else (None, cursor)
+    limit = len(text)
+    if message.get("tool_calls"):
+        nxt = next((w for w in (_find_any(text, _forms(m), end) for m in later if m["role"] != "system") if w), None)
+        limit = nxt[0] if nxt else limit
+    for call in message.get("tool_calls") or []:
+        name = call.get("function", {}).get("name", "")
+        pos = text.find(name, end, limit) if name else -1
+        if pos >= 0:
+            start, end = (pos if start is None else start), pos + len(name)
+    return None if start is None else (start, end)
+
+
+def _overtakes_next_reply(text: str, messages: list[dict[str, Any]], i: int, cursor: int, end: int) -> bool:
+    """Whether a match of message ``i`` ending at ``end`` lies past the next reply's text: then it matched
+    inside that reply (a tool result the template drops, quoted by the reply) and is not message ``i``."""
+    reply = next((m for m in messages[i + 1:] if m["role"] == "assistant" and (m.get("content") or "").strip()), None)
+    if reply is None:
+        return False
+    forms = reply_texts(reply["content"])
+    return _find_any(text, forms, end) is None and _find_any(text, forms, cursor) is not None
+
+
+def locate_messages(text: str, messages: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
+    """Character ranges of the messages found in ``text``, searched in order.
+
+    System messages are skipped: templates move them (Mistral v0.3 puts the system prompt in the last user
+    turn). A user or tool message that is not found verbatim (a template may quote it as JSON, or drop it)
+    does not move the search on, nor does a match that would step over the next reply's text.
+
+    Example:
+        >>> locate_messages("U:hi A:hi!", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi!"}])
+        {0: (2, 4), 1: (7, 10)}
+    """
+    found: dict[int, tuple[int, int]] = {}
+    cursor = 0
+    for i, m in enumerate(messages):
+        if m["role"] == "system":
+            continue
+        if m["role"] == "assistant":
+            where = _anchor(text, m, cursor, messages[i + 1:])
+        else:
+            where = _find_any(text, _plain_texts(m), cursor)
+            if where is not None and _overtakes_next_reply(text, messages, i, cursor, where[1]):
+                where = None
+        if where is not None:
+            found[i] = where
+            cursor = where[1]
+    return found
+
+
+def _header_end(text: str, lo: int, hi: int, headers: list[str]) -> Optional[int]:
+    for header in headers:
+        pos = text.rfind(header, lo, hi)
+        if pos >= 0:
+            return pos + len(header)
+    return None
+
+
+def reply_spans(text: str, messages: list[dict[str, Any]], shape: TemplateShape,
+                special: tuple[str, ...]) -> list[ReplySpan]:
+    """The trained character span of every assistant reply the template renders.
+
+    Example (``<A>`` is the generation prompt, ``<e>`` the end-of-turn token)::
+
+        text  = "<U>hi<e><A>yo<e>"
+        spans = [ReplySpan(message=1, start=11, anchor_start=11, anchor_end=13, end=16, eot=True)]
+
+    Raises:
+        MaskError: when an assistant message with content is not in the rendered text at all.
+    """
+    located = locate_messages(text, messages)
+    order = sorted(located)
+    headers = shape.header_candidates(special)
+    spans = []
+    for k, i in enumerate(order):
+        if messages[i]["role"] != "assistant":
+            continue
+        a0, a1 = located[i]
+        prev_end = located[order[k - 1]][1] if k else 0
+        bound = located[order[k + 1]][0] if k + 1 < len(order) else len(text)
+        start = _header_end(text, prev_end, a0, headers)
+        if start is None:
+            # "[/INST] Hat.": the space before the reply belongs to its first token ("▁Hat").
+            start = a0 - (len(text[prev_end:a0]) - len(text[prev_end:a0].rstrip(" ")))
+        eot = text.find(shape.end_of_turn, a1, bound) if shape.end_of_turn else -1
+        end = eot + len(shape.end_of_turn) if eot >= 0 else a1
+        closing_eos = re.compile(r"\s*" + re.escape(shape.eos)).match(text, end, bound) if eot >= 0 and shape.eos else None
+        end = closing_eos.end() if closing_eos else end
+        spans.append(ReplySpan(i, start, a0, a1, end, eot >= 0))
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and i not in located and (m.get("content") or "").strip():
+            raise MaskError(f"the text of assistant message {i} ({m['content'][:40]!r}) is not in the rendered "
+                            f"conversation [{shape.family}]")
+    return spans
