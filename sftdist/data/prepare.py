@@ -85,7 +85,9 @@ def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: st
             return {**empty, "status": "dropped_too_long", "error": ""}
         enc = {k: v[:max_length] for k, v in enc.items()}
         status = "truncated"
-    supervised = sum(t != IGNORE_INDEX for t in enc["labels"][1:])  # the first label is never a target
+    labels = enc["labels"]
+    # The first label is never a target (nothing predicts it).
+    supervised = len(labels) - labels.count(IGNORE_INDEX) - (bool(labels) and labels[0] != IGNORE_INDEX)
     if supervised == 0:
         return {**empty, "status": "dropped_no_target", "error": ""}
     return {**enc, "num_tokens": len(enc["input_ids"]), "num_supervised": supervised, "status": status, "error": ""}

@@ -17,6 +17,7 @@ mapped to a token index by tokenizing the text before it.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, Optional
 
 from sftdist.data.reply_spans import MaskError, ReplySpan, reply_spans
@@ -71,18 +72,16 @@ def render_and_tokenize(tokenizer, messages, tools=None) -> tuple[str, list[int]
     if not getattr(tokenizer, "is_fast", False):
         return text, _tokens(tokenizer, text), None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return text, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    return text, list(enc["input_ids"]), list(enc["offset_mapping"])
 
 
 def _labels_from_offsets(ids, offsets, spans: list[ReplySpan]) -> list[int]:
-    labels, k = [IGNORE_INDEX] * len(ids), 0
-    for i, (s, _) in enumerate(offsets):
-        while k < len(spans) and s >= spans[k].end:
-            k += 1
-        if k == len(spans):
-            break
-        if spans[k].start <= s:
-            labels[i] = ids[i]
+    """Label the tokens that start inside a span (offsets are in text order, so a bisect finds them)."""
+    starts = [s for s, _ in offsets]
+    labels = [IGNORE_INDEX] * len(ids)
+    for span in spans:
+        lo, hi = bisect.bisect_left(starts, span.start), bisect.bisect_left(starts, span.end)
+        labels[lo:hi] = ids[lo:hi]
     return labels
 
 
