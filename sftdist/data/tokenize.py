@@ -20,13 +20,13 @@ from __future__ import annotations
 import bisect
 from typing import Any, Optional
 
+from sftdist.config import TRAIN_ON
 from sftdist.data.reply_spans import MaskError, ReplySpan, reply_spans
 from sftdist.data.template_shape import special_strings, template_shape
 
 IGNORE_INDEX = -100
-TRAIN_ON = ("assistant", "last", "all")
 
-__all__ = ["IGNORE_INDEX", "MaskError", "TRAIN_ON", "encode_conversation", "encode_text", "render_and_tokenize",
+__all__ = ["IGNORE_INDEX", "MaskError", "encode_conversation", "encode_text", "render_and_tokenize",
            "supervised_runs", "trained_turns"]
 
 

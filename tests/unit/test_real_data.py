@@ -1,6 +1,8 @@
 """The real data sets in ../shared, through the whole data stage with the real tokenizers in ../shared:
 every record converts, tokenises and passes the mask audit (which raises on any wrong mask)."""
 
+import json
+
 import pytest
 
 from sftdist.config import DataConfig, DataSource
@@ -57,3 +59,27 @@ def test_real_set_passes_the_data_stage_and_mask_audit(shared_dir, tmp_path, tok
     else:  # records that fail to render are not audited
         assert stats["audited"] == 24 or (limited and 0 < stats["audited"] < 24)
     assert 0 < stats["supervised_tokens"] <= stats["tokens"]
+
+
+@pytest.mark.parametrize("tok_name", [t for t in TOKENIZERS if t != "gpt2"])
+def test_no_record_of_the_real_sets_is_dropped_for_a_mask_reason(shared_dir, tok_name):
+    """Every record of every shared chat set encodes; only a template's own refusal (e.g. Llama-2 rejecting
+    a tool turn) may drop one, never the masking."""
+    from transformers import AutoTokenizer
+
+    from sftdist.data.messages import to_conversation
+    from sftdist.data.prepare import encode_record
+    from sftdist.data.sources import read_records
+
+    tok = AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / tok_name)
+    statuses = {}
+    for name, (file, fmt) in SETS.items():
+        if fmt == "text":
+            continue
+        source = DataSource(name=name, path=str(shared_dir / "datasets" / file), format=fmt)
+        for where, row in read_records(source):
+            to_conversation(row, fmt, where)  # every shared record is valid
+            out = encode_record(json.dumps(row), where, fmt=fmt, columns={}, train_on="assistant",
+                                max_length=1 << 20, truncation="truncate", tokenizer=tok)
+            statuses[out["status"]] = statuses.get(out["status"], 0) + 1
+    assert statuses.get("ok", 0) > 2000 and set(statuses) <= {"ok", "render_failed"}, statuses
