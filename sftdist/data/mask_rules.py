@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from sftdist.data.reply_spans import reply_texts
-from sftdist.data.template_shape import common_prefix, special_strings, template_shape
+from sftdist.data.template_shape import common_prefix, snap_to_token, special_strings, template_shape
 
 SENTINEL = "\u2591sftdist\u2591"  # never stripped or escaped by a template; unlikely in real text
 # Special tokens whose names say they open a turn; they never end one.
@@ -84,8 +84,9 @@ def message_regions(tokenizer, messages, tools, text) -> dict[int, tuple[int, in
                 a, b = _changed(text, _render(tokenizer, _with(messages, i, tool_calls=calls), tools))
             except Exception:  # noqa: BLE001
                 continue
-            if call["function"]["name"] in text[a:b]:
-                found.append((a, b))
+            name = call["function"]["name"]
+            if text.startswith(name, a):  # the name itself, not a later header that repeats it (gpt-oss)
+                found.append((a, a + len(name)))
         if found:
             regions[i] = (min(a for a, _ in found), max(b for _, b in found))
     return regions
@@ -95,16 +96,17 @@ def _opens_turn(piece: str) -> bool:
     return any(w in piece.lower() for w in OPENER_WORDS)
 
 
-def _generation_end(tokenizer, messages, tools, text, i, regions) -> Optional[int]:
+def _generation_end(tokenizer, messages, tools, text, i, regions, special) -> Optional[int]:
     """Where the generation prompt before reply ``i`` ends in ``text``, if the prefix render agrees there."""
     try:
         prompt = _render(tokenizer, messages[:i], tools, add_generation_prompt=True)
     except Exception:  # noqa: BLE001
         return None
-    end = common_prefix(prompt, text)
+    end = snap_to_token(text, common_prefix(prompt, text), special)
     before = [b for j, (_, b) in regions.items() if j < i]
     # The prefix render may diverge early (a template that moves the system prompt to the last user turn).
-    return end if end >= max(before, default=0) and end <= regions[i][0] else None
+    # It may also end inside the reply's text: Qwen3.5's prompt ends with the reply's opening "<think>\n".
+    return end if end >= max(before, default=0) and end < regions[i][1] else None
 
 
 def _mark_reply(text, offsets, special, reply: tuple[int, int], *, lo: int, gen_end: Optional[int], bound: int,
@@ -163,7 +165,8 @@ def check_masks(tokenizer, messages: list[dict[str, Any]], tools, enc: dict, tra
     if "offset_mapping" not in enc_off or list(enc_off["input_ids"]) != ids:
         return []  # a tokenizer without offsets: only the token ids can be checked
     offsets = [tuple(o) for o in enc_off["offset_mapping"]]
-    special = set(special_strings(tokenizer))
+    special_order = special_strings(tokenizer)
+    special = set(special_order)
     regions = message_regions(tokenizer, messages, tools, text)
     sup = [lab != -100 for lab in labels]
     required, allowed = [False] * len(ids), [False] * len(ids)
@@ -173,8 +176,9 @@ def check_masks(tokenizer, messages: list[dict[str, Any]], tools, enc: dict, tra
         a, b = regions[i]
         later = [s for j, (s, _) in regions.items() if j > i]
         bound = min(later, default=len(text))
-        gen_end = _generation_end(tokenizer, messages, tools, text, i, regions)
+        gen_end = _generation_end(tokenizer, messages, tools, text, i, regions, special_order)
         lo = a if gen_end is None else gen_end
+        a = max(a, lo)  # what the generation prompt supplies is not the model's to generate
         _mark_reply(text, offsets, special, (a, b), lo=lo, gen_end=gen_end, bound=bound,
                     has_tool_calls=bool(messages[i].get("tool_calls")), required=required, allowed=allowed)
     problems = []

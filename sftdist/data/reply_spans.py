@@ -12,8 +12,10 @@ DeepSeek-R1), append an EOS to finished conversations (Phi-3) or have no end-of-
   no header is found there (templates that render the header with the user turn) it starts at the
   anchor, taking in the spaces right before it, which tokenizers merge into the reply's first word;
 * the span ends at the first end-of-turn token after the anchor that comes before the next message's
-  text (and at an EOS right after it, which some templates append to a finished conversation), or at
-  the anchor's end when there is none (the model then never sees a stop token).
+  text (and at an EOS right after it, which some templates append to a finished conversation); for a
+  tool call that none closes there, where the conversation rendered only up to this reply stops agreeing
+  with the whole (the call's own closing token); otherwise at the anchor's end (the model then never sees
+  a stop token).
 
 A reply the template does not render at all (empty content, tool calls a template ignores) has no span:
 there is nothing of it to train.
@@ -23,9 +25,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from sftdist.data.template_shape import TemplateShape
+from sftdist.data.template_shape import TemplateShape, common_prefix, snap_to_token
 
 
 class MaskError(ValueError):
@@ -140,22 +142,53 @@ def locate_messages(text: str, messages: list[dict[str, Any]]) -> dict[int, tupl
     return found
 
 
-def _header_end(text: str, lo: int, hi: int, headers: list[str]) -> Optional[int]:
+def _header_end(text: str, lo: int, anchor: int, headers: list[str]) -> Optional[int]:
+    """End of the last generation-prompt header that starts in ``[lo, anchor]``. It may run into the
+    anchor: Qwen3.5's prompt ends with ``<think>\\n``, which the final reply's text also starts with."""
     for header in headers:
-        pos = text.rfind(header, lo, hi)
+        pos = text.rfind(header, lo, anchor + len(header))
         if pos >= 0:
             return pos + len(header)
     return None
 
 
-def reply_spans(text: str, messages: list[dict[str, Any]], shape: TemplateShape,
-                special: tuple[str, ...]) -> list[ReplySpan]:
+def _turn_end(text: str, a1: int, bound: int, shape: TemplateShape) -> Optional[int]:
+    """End of the first end-of-turn token after the reply (and of an EOS right after it), before ``bound``."""
+    hits = [(pos, tok) for tok in shape.end_tokens if (pos := text.find(tok, a1, bound)) >= 0]
+    if not hits:
+        return None
+    pos, tok = min(hits)
+    end = pos + len(tok)
+    closing_eos = re.compile(r"\s*" + re.escape(shape.eos)).match(text, end, bound) if shape.eos else None
+    return closing_eos.end() if closing_eos else end
+
+
+def _tool_call_end(text: str, a1: int, bound: int, rendered_through: str, special: tuple[str, ...]) -> int:
+    """Where a tool-calling reply stops agreeing with the conversation rendered only up to it: the call's
+    own closing (GLM's ``</tool_call>``, gpt-oss's ``<|call|>``) when no end-of-turn token follows it before
+    the tool's response (Gemma-4 keeps call and response in one model turn)."""
+    end = snap_to_token(text, min(common_prefix(rendered_through, text), bound), special)
+    while end > a1 and text[end - 1].isspace():
+        end -= 1
+    return max(end, a1)
+
+
+def reply_spans(text: str, messages: list[dict[str, Any]], shape: TemplateShape, special: tuple[str, ...],
+                render_through: Optional[Callable[[int], str]] = None) -> list[ReplySpan]:
     """The trained character span of every assistant reply the template renders.
 
     Example (``<A>`` is the generation prompt, ``<e>`` the end-of-turn token)::
 
         text  = "<U>hi<e><A>yo<e>"
         spans = [ReplySpan(message=1, start=11, anchor_start=11, anchor_end=13, end=16, eot=True)]
+
+    Args:
+        text: The rendered conversation.
+        messages: The conversation.
+        shape: The template's generation prompt and end-of-turn tokens (``template_shape``).
+        special: The tokenizer's special-token strings (``special_strings``).
+        render_through: ``i -> render of messages[:i+1]``; used only for a tool-calling reply that no
+            end-of-turn token closes before the next message.
 
     Raises:
         MaskError: when an assistant message with content is not in the rendered text at all.
@@ -174,11 +207,10 @@ def reply_spans(text: str, messages: list[dict[str, Any]], shape: TemplateShape,
         if start is None:
             # "[/INST] Hat.": the space before the reply belongs to its first token ("▁Hat").
             start = a0 - (len(text[prev_end:a0]) - len(text[prev_end:a0].rstrip(" ")))
-        eot = text.find(shape.end_of_turn, a1, bound) if shape.end_of_turn else -1
-        end = eot + len(shape.end_of_turn) if eot >= 0 else a1
-        closing_eos = re.compile(r"\s*" + re.escape(shape.eos)).match(text, end, bound) if eot >= 0 and shape.eos else None
-        end = closing_eos.end() if closing_eos else end
-        spans.append(ReplySpan(i, start, a0, a1, end, eot >= 0))
+        end = _turn_end(text, a1, bound, shape)
+        if end is None and messages[i].get("tool_calls") and render_through is not None:
+            end = _tool_call_end(text, a1, bound, render_through(i), special)
+        spans.append(ReplySpan(i, min(start, a1), a0, a1, a1 if end is None else end, end is not None))
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and i not in located and (m.get("content") or "").strip():
             raise MaskError(f"the text of assistant message {i} ({m['content'][:40]!r}) is not in the rendered "

@@ -27,7 +27,7 @@ from sftdist.data.template_shape import special_strings, template_shape
 IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "MaskError", "encode_conversation", "encode_text", "render_and_tokenize",
-           "supervised_runs", "trained_turns"]
+           "supervised_runs", "trained_spans", "trained_turns"]
 
 
 def _render_text(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
@@ -104,6 +104,20 @@ def _labels_without_offsets(tokenizer, text, ids, spans: list[ReplySpan]) -> lis
     return labels
 
 
+def trained_spans(tokenizer, messages, tools, text: str, train_on: str) -> list[ReplySpan]:
+    """The character spans of the replies ``train_on`` (and the per-message flags) select, in ``text``."""
+    wanted = set(trained_turns(messages, train_on))
+
+    def render_through(i: int) -> str:
+        try:
+            return _render_text(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - a template that refuses the prefix: no tool-call end from it
+            return ""
+
+    spans = reply_spans(text, messages, template_shape(tokenizer), special_strings(tokenizer), render_through)
+    return [s for s in spans if s.message in wanted]
+
+
 def encode_conversation(tokenizer, messages: list[dict[str, Any]], *, tools: Optional[list] = None,
                         train_on: str = "assistant", max_length: Optional[int] = None) -> dict[str, list[int]]:
     """Tokenize a conversation with its chat template and mask everything but the trained replies.
@@ -137,9 +151,7 @@ def encode_conversation(tokenizer, messages: list[dict[str, Any]], *, tools: Opt
         trained_turns(messages, train_on)  # still validates the per-message flags
         labels = list(ids)
     else:
-        wanted = set(trained_turns(messages, train_on))
-        special = special_strings(tokenizer)
-        spans = [s for s in reply_spans(text, messages, template_shape(tokenizer), special) if s.message in wanted]
+        spans = trained_spans(tokenizer, messages, tools, text, train_on)
         labels = (_labels_from_offsets(ids, offsets, spans) if offsets is not None
                   else _labels_without_offsets(tokenizer, text, ids, spans))
     if max_length is not None:
