@@ -70,7 +70,7 @@ def message_regions(tokenizer, messages, tools, text) -> dict[int, tuple[int, in
         found = []
         content = m.get("content") or ""
         forms = reply_texts(content) if m["role"] == "assistant" else [content, content.strip()]
-        if content.strip():
+        if content:
             try:
                 a, b = _changed(text, _render(tokenizer, _with(messages, i, content=SENTINEL), tools))
             except Exception:  # noqa: BLE001 - the template refuses the sentinel: nothing to compare

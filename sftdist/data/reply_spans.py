@@ -83,19 +83,36 @@ def _forms(message: dict[str, Any]) -> list[str]:
     return reply_texts(message.get("content") or "") if message["role"] == "assistant" else _plain_texts(message)
 
 
-def _anchor(text: str, message: dict[str, Any], cursor: int, later: list[dict[str, Any]]) -> Optional[tuple[int, int]]:
+def _next_text(text: str, later: list[dict[str, Any]], start: int) -> int:
+    """Where the text of the first later (non-system) message found after ``start`` begins."""
+    nxt = next((w for w in (_find_any(text, _forms(m), start) for m in later if m["role"] != "system") if w), None)
+    return nxt[0] if nxt else len(text)
+
+
+def _first_header(text: str, cursor: int, headers: list[str]) -> Optional[tuple[int, int]]:
+    """The earliest generation-prompt header after ``cursor`` (the longest one where several start there)."""
+    hits = [(pos, -len(h)) for h in headers if (pos := text.find(h, cursor)) >= 0]
+    return (min(hits)[0], min(hits)[0] - min(hits)[1]) if hits else None
+
+
+def _anchor(text: str, message: dict[str, Any], cursor: int, later: list[dict[str, Any]],
+            headers: list[str]) -> Optional[tuple[int, int]]:
     """The reply's rendered content and tool-call names, as one character range after ``cursor``.
 
-    Tool-call names are searched only before the text of the first later message found (``later``): a
-    template that does not render tool calls may still name the function later, in a tool's response or
-    in the next reply's reasoning.
+    A reply starts after its own generation prompt, so a match that starts before the end of the next
+    header (a reply that reads ``assistant``, or is only whitespace) is searched again after it, up to
+    the next message's text. Tool-call names are searched only before the text of the first later message
+    found (``later``): a template that does not render tool calls may still name the function later, in a
+    tool's response or in the next reply's reasoning.
     """
-    found = _find_any(text, reply_texts(message.get("content") or ""), cursor)
+    forms = reply_texts(message.get("content") or "")
+    found = _find_any(text, forms, cursor)
+    header = _first_header(text, cursor, headers) if found else None
+    if found and header and found[0] < header[1]:
+        again = _find_any(text, forms, header[1])
+        found = again if again and again[0] < _next_text(text, later, header[1]) else found
     start, end = found if found else (None, cursor)
-    limit = len(text)
-    if message.get("tool_calls"):
-        nxt = next((w for w in (_find_any(text, _forms(m), end) for m in later if m["role"] != "system") if w), None)
-        limit = nxt[0] if nxt else limit
+    limit = _next_text(text, later, end) if message.get("tool_calls") else len(text)
     for call in message.get("tool_calls") or []:
         name = call.get("function", {}).get("name", "")
         pos = text.find(name, end, limit) if name else -1
@@ -114,12 +131,15 @@ def _overtakes_next_reply(text: str, messages: list[dict[str, Any]], i: int, cur
     return _find_any(text, forms, end) is None and _find_any(text, forms, cursor) is not None
 
 
-def locate_messages(text: str, messages: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
+def locate_messages(text: str, messages: list[dict[str, Any]],
+                    headers: Optional[list[str]] = None) -> dict[int, tuple[int, int]]:
     """Character ranges of the messages found in ``text``, searched in order.
 
     System messages are skipped: templates move them (Mistral v0.3 puts the system prompt in the last user
     turn). A user or tool message that is not found verbatim (a template may quote it as JSON, or drop it)
-    does not move the search on, nor does a match that would step over the next reply's text.
+    does not move the search on, nor does a match that would step over the next reply's text. ``headers``
+    are the generation-prompt candidates (``TemplateShape.header_candidates``); a reply is never found
+    inside or before its own.
 
     Example:
         >>> locate_messages("U:hi A:hi!", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi!"}])
@@ -131,7 +151,7 @@ def locate_messages(text: str, messages: list[dict[str, Any]]) -> dict[int, tupl
         if m["role"] == "system":
             continue
         if m["role"] == "assistant":
-            where = _anchor(text, m, cursor, messages[i + 1:])
+            where = _anchor(text, m, cursor, messages[i + 1:], headers or [])
         else:
             where = _find_any(text, _plain_texts(m), cursor)
             if where is not None and _overtakes_next_reply(text, messages, i, cursor, where[1]):
@@ -193,9 +213,9 @@ def reply_spans(text: str, messages: list[dict[str, Any]], shape: TemplateShape,
     Raises:
         MaskError: when an assistant message with content is not in the rendered text at all.
     """
-    located = locate_messages(text, messages)
-    order = sorted(located)
     headers = shape.header_candidates(special)
+    located = locate_messages(text, messages, headers)
+    order = sorted(located)
     spans = []
     for k, i in enumerate(order):
         if messages[i]["role"] != "assistant":

@@ -174,3 +174,16 @@ def test_pure_python_tokenizer_without_offsets_masks_exactly():
     assert enc["input_ids"] == list(tok.apply_chat_template(msgs, tokenize=True)["input_ids"])
     want = [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
     assert [tok.decode(s) for s in supervised_spans(enc)] == want
+
+
+@pytest.mark.parametrize("reply", ["assistant", "im_start", "\n", "Say it", "user"])
+def test_reply_that_repeats_header_or_prompt_text_is_found_in_its_own_place(demo_tokenizer, reply):
+    """A reply is searched after its own generation prompt: one that reads "assistant", repeats the user,
+    or is only whitespace must not be anchored in the header or the prompt."""
+    from sftdist.data.mask_rules import check_masks
+
+    msgs = [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "user"}, {"role": "assistant", "content": reply}]
+    enc = encode_conversation(demo_tokenizer, msgs)
+    assert [demo_tokenizer.decode(s) for s in supervised_spans(enc)] == [reply + "<|im_end|>"] * 2
+    assert check_masks(demo_tokenizer, msgs, None, enc, [1, 3]) == []
