@@ -15,6 +15,7 @@ from tests.conftest import run_cmd
 WORKER = textwrap.dedent('''
     """Build the tiny model as sftdist.train does under ZeRO-0 and ZeRO-3; report what each rank holds."""
     import json
+    import os
     import sys
     from pathlib import Path
 
@@ -63,6 +64,12 @@ WORKER = textwrap.dedent('''
     (out / f"rank{rank()}.json").write_text(json.dumps(report))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # As sftdist.train does after a finished multi-process run: skip interpreter teardown, where a native
+    # thread of the gloo/DeepSpeed stack occasionally aborts the process ("terminate called without an
+    # active exception") after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 ''')
 
 
