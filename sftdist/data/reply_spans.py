@@ -167,6 +167,8 @@ def _header_end(text: str, lo: int, anchor: int, headers: list[str]) -> Optional
     anchor: Qwen3.5's prompt ends with ``<think>\\n``, which the final reply's text also starts with."""
     for header in headers:
         pos = text.rfind(header, lo, anchor + len(header))
+        if pos > anchor:  # an occurrence inside the reply's own text is not its prompt
+            pos = text.rfind(header, lo, anchor)
         if pos >= 0:
             return pos + len(header)
     return None
@@ -228,9 +230,10 @@ def reply_spans(text: str, messages: list[dict[str, Any]], shape: TemplateShape,
             # "[/INST] Hat.": the space before the reply belongs to its first token ("▁Hat").
             start = a0 - (len(text[prev_end:a0]) - len(text[prev_end:a0].rstrip(" ")))
         end = _turn_end(text, a1, bound, shape)
+        eot = end is not None
         if end is None and messages[i].get("tool_calls") and render_through is not None:
             end = _tool_call_end(text, a1, bound, render_through(i), special)
-        spans.append(ReplySpan(i, min(start, a1), a0, a1, a1 if end is None else end, end is not None))
+        spans.append(ReplySpan(i, min(start, a1), a0, a1, a1 if end is None else end, eot))
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and i not in located and (m.get("content") or "").strip():
             raise MaskError(f"the text of assistant message {i} ({m['content'][:40]!r}) is not in the rendered "
