@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from sftdist.data.reply_spans import reply_texts
-from sftdist.data.template_shape import common_prefix, snap_to_token, special_strings, template_shape
+from sftdist.data.template_shape import common_prefix, render, snap_to_token, special_strings, template_shape
+from sftdist.data.tokenize import render_and_tokenize
 
 SENTINEL = "\u2591sftdist\u2591"  # never stripped or escaped by a template; unlikely in real text
 # Special tokens whose names say they open a turn; they never end one.
@@ -40,11 +41,6 @@ class MaskProblem:
 
     def __str__(self) -> str:
         return f"rule {self.rule}: {self.detail}"
-
-
-def _render(tokenizer, messages, tools, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
 
 
 def _changed(text: str, other: str) -> tuple[int, int]:
@@ -72,7 +68,7 @@ def message_regions(tokenizer, messages, tools, text) -> dict[int, tuple[int, in
         forms = reply_texts(content) if m["role"] == "assistant" else [content, content.strip()]
         if content:
             try:
-                a, b = _changed(text, _render(tokenizer, _with(messages, i, content=SENTINEL), tools))
+                a, b = _changed(text, render(tokenizer, _with(messages, i, content=SENTINEL), tools))
             except Exception:  # noqa: BLE001 - the template refuses the sentinel: nothing to compare
                 a, b = 0, -1
             if any(f and f in text[a:b] for f in forms):
@@ -81,7 +77,7 @@ def message_regions(tokenizer, messages, tools, text) -> dict[int, tuple[int, in
             calls = [dict(c) for c in m["tool_calls"]]
             calls[k] = {**call, "function": {**call["function"], "name": f"{SENTINEL}{k}"}}
             try:
-                a, b = _changed(text, _render(tokenizer, _with(messages, i, tool_calls=calls), tools))
+                a, b = _changed(text, render(tokenizer, _with(messages, i, tool_calls=calls), tools))
             except Exception:  # noqa: BLE001
                 continue
             name = call["function"]["name"]
@@ -99,7 +95,7 @@ def _opens_turn(piece: str) -> bool:
 def _generation_end(tokenizer, messages, tools, text, i, regions, special) -> Optional[int]:
     """Where the generation prompt before reply ``i`` ends in ``text``, if the prefix render agrees there."""
     try:
-        prompt = _render(tokenizer, messages[:i], tools, add_generation_prompt=True)
+        prompt = render(tokenizer, messages[:i], tools, add_generation_prompt=True)
     except Exception:  # noqa: BLE001
         return None
     end = snap_to_token(text, common_prefix(prompt, text), special)
@@ -160,11 +156,9 @@ def check_masks(tokenizer, messages: list[dict[str, Any]], tools, enc: dict, tra
     if train_on == "all":
         missing = [i for i, lab in enumerate(labels) if lab == -100]
         return [MaskProblem("reply_trained", f"train_on=all leaves token {missing[0]} unsupervised")] if missing else []
-    text = _render(tokenizer, messages, tools)
-    enc_off = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if "offset_mapping" not in enc_off or list(enc_off["input_ids"]) != ids:
+    text, _, offsets = render_and_tokenize(tokenizer, messages, tools)
+    if offsets is None:
         return []  # a tokenizer without offsets: only the token ids can be checked
-    offsets = [tuple(o) for o in enc_off["offset_mapping"]]
     special_order = special_strings(tokenizer)
     special = set(special_order)
     regions = message_regions(tokenizer, messages, tools, text)

@@ -138,7 +138,8 @@ def template_family(template: str) -> str:
     return f"{name} template {digest}"
 
 
-def _render(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
+def render(tokenizer, messages, tools=None, add_generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template renders it (text, not tokens)."""
     return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 
@@ -183,10 +184,10 @@ def _end_tokens(between: str, after_last: str, header: str, eos: Optional[str],
 
 
 def _measure(tokenizer, probe: list[dict], tools, family: str, special: tuple[str, ...]) -> TemplateShape:
-    text = _render(tokenizer, probe, tools, False)
+    text = render(tokenizer, probe, tools, False)
     first_user = next(i for i, m in enumerate(probe) if m["role"] == "user")
-    with_prompt = _render(tokenizer, probe[: first_user + 1], tools, True)
-    without = _render(tokenizer, probe[: first_user + 1], tools, False)
+    with_prompt = render(tokenizer, probe[: first_user + 1], tools, True)
+    without = render(tokenizer, probe[: first_user + 1], tools, False)
     header = with_prompt[snap_to_token(with_prompt, common_prefix(with_prompt, without), special):]
     reply_1 = text.index("Blue.") + len("Blue.")
     next_user = text.index("Another one.", reply_1)

@@ -22,17 +22,12 @@ from typing import Any, Optional
 
 from sftdist.config import TRAIN_ON
 from sftdist.data.reply_spans import MaskError, ReplySpan, reply_spans
-from sftdist.data.template_shape import special_strings, template_shape
+from sftdist.data.template_shape import render, special_strings, template_shape
 
 IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "MaskError", "encode_conversation", "encode_text", "render_and_tokenize",
            "supervised_runs", "trained_spans", "trained_turns"]
-
-
-def _render_text(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
@@ -68,7 +63,7 @@ def _wants_training(message: dict[str, Any], default: bool) -> bool:
 def render_and_tokenize(tokenizer, messages, tools=None) -> tuple[str, list[int], Optional[list[tuple[int, int]]]]:
     """The rendered conversation, its token ids and each token's character offsets (``None`` when the
     tokenizer cannot report offsets)."""
-    text = _render_text(tokenizer, messages, tools, add_generation_prompt=False)
+    text = render(tokenizer, messages, tools)
     if not getattr(tokenizer, "is_fast", False):
         return text, _tokens(tokenizer, text), None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -110,7 +105,7 @@ def trained_spans(tokenizer, messages, tools, text: str, train_on: str) -> list[
 
     def render_through(i: int) -> str:
         try:
-            return _render_text(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
+            return render(tokenizer, messages[: i + 1], tools)
         except Exception:  # noqa: BLE001 - a template that refuses the prefix: no tool-call end from it
             return ""
 
