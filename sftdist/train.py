@@ -55,21 +55,24 @@ def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: 
     return collate_packed(rows, pad_id) if packed else collate([r[0] for r in rows], pad_id)
 
 
-def forward_logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a collated batch.
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a collated batch (``model``: the DeepSpeed engine, or a bare HF model).
 
-    Packed batches carry no attention_mask: transformers builds block-diagonal masks from the restarting
-    position ids (sdpa/eager). Flash attention reads sample boundaries from position ids only for a batch
-    of one row, so packed rows are flattened into one row there and the logits reshaped back.
+    ``use_cache=False`` is passed whatever the model's config says: transformers detects packed rows from
+    the restarting position ids only when no cache is made, and with a cache attention would cross samples.
+    Packed batches carry no attention_mask: transformers builds block-diagonal masks from those position
+    ids (sdpa/eager). Flash attention reads sample boundaries from position ids only for a batch of one row,
+    so packed rows are flattened into one row there and the logits reshaped back.
     """
     if "attention_mask" in batch:
-        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"]).logits
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=False).logits
     rows, width = batch["input_ids"].shape
-    if engine.module.config._attn_implementation.startswith("flash"):
-        logits = engine(input_ids=batch["input_ids"].view(1, -1), position_ids=batch["position_ids"].view(1, -1)).logits
+    if getattr(model, "module", model).config._attn_implementation.startswith("flash"):
+        logits = model(input_ids=batch["input_ids"].view(1, -1), position_ids=batch["position_ids"].view(1, -1),
+                       use_cache=False).logits
         return logits.view(rows, width, -1)
-    return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
 
 def per_source_metrics(prefix: str, names: list[str], sums: list[float]) -> dict[str, float]:

@@ -134,7 +134,7 @@ def test_build_model_turns_the_cache_off(demo_tokenizer):
 # Attention isolation on a real model.
 
 
-def tiny_llama(tok, attn_implementation):
+def tiny_llama(tok, attn_implementation, use_cache=False):
     import transformers
 
     torch.manual_seed(0)
@@ -144,7 +144,7 @@ def tiny_llama(tok, attn_implementation):
         # With the default 0.02 the attention is nearly uniform and cross-talk moves the summed loss by only
         # ~2e-5 relative, below the tolerance; at 0.3 it moves it by ~2%, so the negative controls bite.
         initializer_range=0.3,
-        use_cache=False,  # as build_model sets it: a cache disables transformers' packed-sequence detection
+        use_cache=use_cache,  # build_model sets False: a cache disables transformers' packed-sequence detection
     )
     return transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).eval()
 
@@ -212,6 +212,40 @@ def test_packed_rows_equal_unpacked_examples(tokenizer, attn):
     for leaky in (straight, causal):
         leaky_loss, _ = token_loss_sum(leaky, packed["targets"])
         assert abs(float(leaky_loss - ref_loss)) > 1e-3 * float(ref_loss)
+
+
+class EngineLike:
+    """What the training forward sees of a DeepSpeed engine: callable, with the model as ``.module``."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_training_forward_isolates_packed_samples_whatever_the_model_config(demo_tokenizer):
+    """The training forward passes use_cache=False itself: a model whose config says use_cache=True (a
+    checkpoint's config.json, a custom builder) would otherwise attend across the packed samples."""
+    from sftdist.train import forward_logits
+
+    examples = real_examples(demo_tokenizer, 8)
+    bins, rows = packed_rows(examples)
+    model = tiny_llama(demo_tokenizer, "sdpa", use_cache=True)
+    engine = EngineLike(model)
+    packed = collate_packed(rows, demo_tokenizer.pad_token_id)
+    unpacked = collate(examples, demo_tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed_logits = forward_logits(engine, packed)
+        unpacked_logits = forward_logits(engine, unpacked)
+        # Negative control: the same packed forward with the model's own cache setting crosses samples.
+        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+    start = 0
+    for i in bins[0]:
+        n = len(examples[i]["input_ids"])
+        torch.testing.assert_close(packed_logits[0, start:start + n], unpacked_logits[i, :n], rtol=0, atol=1e-4)
+        start += n
+    assert (leaky - packed_logits).abs().max() > 1e-2
 
 
 def test_flattened_packed_batch_equals_unpacked(demo_tokenizer):
