@@ -127,6 +127,10 @@ class ParallelConfig:
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 200_000_000  # elements per gradient-reduction bucket
     allgather_bucket_size: int = 200_000_000  # elements per all-gather bucket (stages 1-2)
+    # bf16 gradient accumulation over micro-batches: auto = fp32 where DeepSpeed supports it (ZeRO 1-3),
+    # bf16 under ZeRO-0, whose engine can only accumulate in the model dtype
+    grad_accum_dtype: str = "auto"  # auto | fp32 | bf16
+    build_lock_stale_s: float = 900.0  # a DeepSpeed op build lock older than this, with no live builder, is removed
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -136,6 +140,11 @@ class ParallelConfig:
             raise ConfigError("parallelism.offload_params needs parallelism.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("parallelism.offload_optimizer needs parallelism.zero_stage >= 1")
+        _check_choice("parallelism.grad_accum_dtype", self.grad_accum_dtype, ("auto", "fp32", "bf16"))
+        if self.grad_accum_dtype == "fp32" and self.zero_stage == 0:
+            raise ConfigError("parallelism.grad_accum_dtype=fp32 needs parallelism.zero_stage >= 1: DeepSpeed's "
+                              "ZeRO-0 engine accumulates gradients in the model dtype (use auto or bf16)")
+        _check_positive("parallelism.build_lock_stale_s", self.build_lock_stale_s)
 
 
 @dataclass
@@ -183,8 +192,11 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0 = none; a final one is saved on stop_at_step)
     keep_last: int = 2  # checkpoints kept; older ones are deleted once a newer one is complete
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir, if any) | never | a checkpoint path
-    stop_at_step: Optional[int] = None  # checkpoint and exit after this step (e.g. to fit a job time limit)
-    overwrite: bool = False  # allow replacing a run (checkpoints, metrics, final/) already in output_dir
+    stop_at_step: Optional[int] = None  # checkpoint and exit once the run has reached this (absolute) step
+    stop_after_steps: Optional[int] = None  # checkpoint and exit after this many steps in this process (requeue loops)
+    stop_after_minutes: Optional[float] = None  # checkpoint and exit before this much wall-clock time has passed
+    overwrite: bool = False  # allow replacing a finished or unresumable run already in output_dir
+    resume_allow_changes: bool = False  # resume even if batch, seed, length, tokenizer or data differ (logged)
 
     def __post_init__(self) -> None:
         _check_choice("train.schedule", self.schedule, SCHEDULES)
@@ -195,8 +207,9 @@ class TrainConfig:
         _check_positive("train.eval_every", self.eval_every, allow_zero=True)
         _check_positive("train.save_every", self.save_every, allow_zero=True)
         _check_positive("train.keep_last", self.keep_last)
-        if self.stop_at_step is not None:
-            _check_positive("train.stop_at_step", self.stop_at_step)
+        for key in ("stop_at_step", "stop_after_steps", "stop_after_minutes"):
+            if getattr(self, key) is not None:
+                _check_positive(f"train.{key}", getattr(self, key))
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"train.max_steps={self.max_steps} must be > 0, or -1 to use train.epochs")

@@ -86,31 +86,51 @@ T = TypeVar("T")
 _SLOW_GROUP = None
 
 
-def local_main_first(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on local rank 0 of every node first, then on the other ranks (which then find its cache).
-
-    The waiting ranks block in a collective on a dedicated gloo group whose timeout is a day, so a long
-    tokenisation cannot trip the NCCL/gloo timeouts of the training process group. If ``fn`` fails on a
-    node's first rank, every rank raises the same error.
-    """
+def _slow_group():
+    """A gloo group whose collectives wait up to a day: for ranks waiting on long work of another rank
+    (tokenisation, checkpoint conversion), which must not trip the training process group's timeouts."""
     global _SLOW_GROUP
-    if not dist.is_initialized() or world_size() == 1:
-        return fn()
     if _SLOW_GROUP is None:
         _SLOW_GROUP = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+    return _SLOW_GROUP
+
+
+def _run_on(selected: bool, fn: Callable[[], T]) -> Optional[T]:
+    """Run ``fn`` where ``selected``; every rank waits, and raises the first error any rank hit."""
     error: Optional[BaseException] = None
     result = None
-    if local_rank() == 0:
+    if selected:
         try:
             result = fn()
         except Exception as e:  # re-raised below on every rank, after everyone has heard of it
             error = e
     errors: list = [None] * world_size()
-    dist.all_gather_object(errors, error, group=_SLOW_GROUP)
+    dist.all_gather_object(errors, error, group=_slow_group())
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
+    return result
+
+
+def local_main_first(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on local rank 0 of every node first, then on the other ranks (which then find its cache).
+
+    If ``fn`` fails on a node's first rank, every rank raises the same error.
+    """
+    if not dist.is_initialized() or world_size() == 1:
+        return fn()
+    result = _run_on(local_rank() == 0, fn)
     return result if local_rank() == 0 else fn()
+
+
+def main_only(fn: Callable[[], T]) -> T:
+    """Run ``fn`` once, on global rank 0, while the others wait; every rank gets its result (or its error).
+
+    For work on shared storage that must happen once for the whole job, however many nodes it spans.
+    """
+    if not dist.is_initialized() or world_size() == 1:
+        return fn()
+    return broadcast_from_main(_run_on(is_main(), fn))
 
 
 def stage0_grad_norm(engine) -> float:
@@ -173,7 +193,7 @@ def build_ds_config(parallel: ParallelConfig, train: TrainConfig, *, dp_world: i
             zero[key] = {"device": offload_device, "pin_memory": gpu}
             if parallel.nvme_path:
                 zero[key]["nvme_path"] = parallel.nvme_path
-    return {
+    config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(train, dp_world),
@@ -188,6 +208,28 @@ def build_ds_config(parallel: ParallelConfig, train: TrainConfig, *, dp_world: i
         "steps_per_print": 2**31 - 1,  # sftdist logs itself; silence DeepSpeed's own step printing
         "wall_clock_breakdown": False,
     }
+    accum = grad_accum_dtype(parallel, precision)
+    if accum is not None:
+        config["data_types"] = {"grad_accum_dtype": accum}
+    return config
+
+
+def grad_accum_dtype(parallel: ParallelConfig, precision: str) -> Optional[str]:
+    """The dtype DeepSpeed sums micro-batch gradients in, for its ``data_types.grad_accum_dtype``.
+
+    Left to DeepSpeed (None) unless training in bf16. There ``auto`` means fp32 for ZeRO 1-3: summing 16-64
+    micro-batch gradients of about 1/GA each in bf16 (8 mantissa bits) drops their low-order bits. ZeRO-0's
+    engine supports only the model dtype, so it stays bf16 there.
+
+    Example:
+        >>> grad_accum_dtype(ParallelConfig(zero_stage=2), "bf16"), grad_accum_dtype(ParallelConfig(zero_stage=0), "bf16")
+        ('fp32', None)
+    """
+    if precision != "bf16":
+        return None
+    if parallel.grad_accum_dtype == "auto":
+        return "fp32" if parallel.zero_stage > 0 else None
+    return parallel.grad_accum_dtype
 
 
 def zero3_init_context(ds_config: dict) -> Optional[object]:
@@ -215,4 +257,27 @@ def wrap_with_deepspeed(model: torch.nn.Module, param_groups: list[dict], ds_con
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config,
                                            lr_scheduler=scheduler)
+    _exclude_tied_frozen_weights(engine)
     return engine
+
+
+def _exclude_tied_frozen_weights(engine) -> None:
+    """Make ``save_checkpoint(exclude_frozen_parameters=True)`` also drop tied aliases of frozen weights.
+
+    DeepSpeed drops the names ``named_parameters()`` yields, which lists a tied weight once: with LoRA on a
+    model with tied embeddings, ``lm_head.weight`` (vocab x hidden, ~15% of a 1B model) stayed in every
+    checkpoint. The aliases are rebuilt from the base model like every other frozen weight.
+    """
+    frozen = [n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    if not frozen:
+        return
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name in frozen:
+                state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict

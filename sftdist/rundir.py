@@ -1,5 +1,6 @@
-"""The run directory: deciding between a fresh run, a resumed run and a refusal, and writing the resolved
-configs. Earlier runs are never overwritten unless ``train.overwrite=true``. Only rank 0 writes."""
+"""The run directory: deciding between a fresh run, a resumed run and a refusal, writing the resolved
+configs, and keeping ``checkpoints/`` consistent with the step a run resumes from. Earlier runs are never
+overwritten unless ``train.overwrite=true``, and even then not a run that can resume. Only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from sftdist.checkpoint import latest_checkpoint
+from sftdist.checkpoint import CHECKPOINTS, latest_checkpoint, step_of
 from sftdist.config import ConfigError
+from sftdist.logging import log
 from sftdist.parallel import is_main
 
 RUN_MARKERS = ("metrics.jsonl", "final", "checkpoints")
@@ -18,8 +20,9 @@ RUN_MARKERS = ("metrics.jsonl", "final", "checkpoints")
 def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[Path]:
     """The checkpoint to resume from, or None for a fresh run.
 
-    - ``resume=auto``: the latest complete checkpoint in ``run_dir``; a run directory with a finished run
-      (``final/``) or with metrics but no checkpoint is refused unless ``overwrite``.
+    - ``resume=auto``: the latest complete checkpoint in ``run_dir`` of an unfinished run, even with
+      ``overwrite`` (a requeued job must continue, not start over). A finished run (``final/``), or metrics
+      without a checkpoint, is refused unless ``overwrite``, which then starts afresh.
     - ``resume=never``: a fresh run; refused if ``run_dir`` already holds a run, unless ``overwrite``.
     - ``resume=PATH``: that checkpoint directory (``.../checkpoints/step-N``).
 
@@ -32,16 +35,59 @@ def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[P
         if not (path / "trainer_state.json").exists():
             raise ConfigError(f"train.resume={resume}: not a complete sftdist checkpoint (no trainer_state.json)")
         return path
-    if overwrite:
-        return None
     latest = latest_checkpoint(run_dir) if resume == "auto" else None
     if latest is not None and not (run_dir / "final").exists():
+        if overwrite:
+            log(f"train.overwrite=true does not discard a run that can resume: resuming from {latest} "
+                f"(train.resume=never train.overwrite=true starts over)")
         return latest
-    if found:
-        why = "a finished run" if (run_dir / "final").exists() else f"a run ({', '.join(found)})"
-        raise ConfigError(f"output_dir={run_dir} already holds {why}; choose another output_dir, resume from a "
-                          f"checkpoint with train.resume=PATH, or set train.overwrite=true to replace it")
-    return None
+    if overwrite or not found:
+        return None
+    why = "a finished run" if (run_dir / "final").exists() else f"a run ({', '.join(found)})"
+    raise ConfigError(f"output_dir={run_dir} already holds {why}; choose another output_dir, resume from a "
+                      f"checkpoint with train.resume=PATH, or set train.overwrite=true to replace it")
+
+
+def clean_partial_saves(run_dir: Path) -> list[Path]:
+    """Remove what crashed saves left (``checkpoints/*.tmp``, ``final.tmp``); call before anything writes."""
+    if not is_main():
+        return []
+    partial = [*(run_dir / CHECKPOINTS).glob("*.tmp"), *run_dir.glob("final.tmp")]
+    for path in partial:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return partial
+
+
+def retire_newer_checkpoints(run_dir: Path, step: int) -> Optional[Path]:
+    """Move the checkpoints of steps after ``step`` aside, into ``checkpoints/abandoned-after-step-N/``.
+
+    A run resumed from step N (a rollback) trains a new history from there: checkpoints of the old one must
+    neither be resumed by ``resume=auto`` nor count for ``keep_last``; they are kept, not deleted. Then
+    ``latest`` names ``step-N`` if this run directory has it, and is removed otherwise.
+
+    Returns:
+        The directory they were moved to, or None when there were none.
+    """
+    root = run_dir / CHECKPOINTS
+    if not is_main() or not root.is_dir():
+        return None
+    newer = [p for p in root.iterdir() if p.name.startswith("step-") and p.is_dir() and step_of(p) > step]
+    aside = None
+    if newer:
+        aside = root / f"abandoned-after-step-{step}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = root / f"abandoned-after-step-{step}-{n}"
+        aside.mkdir()
+        for path in newer:
+            path.rename(aside / path.name)
+    if (root / f"step-{step}" / "trainer_state.json").exists():
+        (root / "latest.tmp").write_text(f"step-{step}\n")
+        (root / "latest.tmp").replace(root / "latest")
+    elif newer:
+        (root / "latest").unlink(missing_ok=True)
+    return aside
 
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume_step: Optional[int], config_yaml: str,

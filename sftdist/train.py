@@ -11,14 +11,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sftdist.checkpoint import (checkpoint_step, load_checkpoint, save_checkpoint, save_final, saved_world_size,
-                                universal_checkpoint)
+from sftdist.build_locks import clear_stale_build_locks
+from sftdist.checkpoint import (checkpoint_step, load_checkpoint, needs_universal, save_checkpoint, save_final,
+                                saved_state, saved_world_size, universal_checkpoint)
 from sftdist.config import ConfigError, SFTConfig, grad_accum_steps, register_configs, validate
 from sftdist.data import (IGNORE_INDEX, DataError, TrainData, build_datasets, build_schedule, mix_report,
                           prepare_all)
@@ -29,11 +29,12 @@ from sftdist.loss import backward_scale, per_source_sums, supervised_token_losse
 from sftdist.model import build_model, load_tokenizer
 from sftdist.optim import lr_multiplier, param_groups, warmup_steps
 from sftdist.parallel import (all_reduce_sum, barrier, broadcast_from_main, build_ds_config, device, has_gpu,
-                              init_distributed, is_main, local_main_first, rank, resolve_precision, shutdown,
-                              stage0_grad_norm, world_size, wrap_with_deepspeed,
-                              zero3_init_context)
+                              init_distributed, is_main, local_main_first, main_only, rank, resolve_precision,
+                              shutdown, stage0_grad_norm, world_size, wrap_with_deepspeed, zero3_init_context)
 from sftdist.peft import apply_peft, merge_adapter, trainable_summary
-from sftdist.rundir import prepare_run_dir, resolve_resume
+from sftdist.resume_check import check_unchanged, data_summary, run_settings
+from sftdist.rundir import clean_partial_saves, prepare_run_dir, resolve_resume, retire_newer_checkpoints
+from sftdist.stop_rule import StopRule
 
 register_configs()
 
@@ -114,11 +115,20 @@ def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int) -> 
     return {"eval_loss": loss, **per_source_metrics("eval_loss", names, totals)}
 
 
+@dataclass
+class Saving:
+    """Where and how often the loop checkpoints, and the run settings each checkpoint records."""
+
+    run_dir: Path
+    every: int
+    keep_last: int
+    run_settings: dict
+
+
 def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step: int, max_steps: int,
                micro_batch_size: int, pad_id: int, packed: bool, metrics: MetricsLogger, log_every: int,
-               eval_every: int, run_dir: Path, save_every: int, keep_last: int,
-               stop_at_step: Optional[int]) -> LoopResult:
-    """Run optimizer steps ``start_step`` .. ``max_steps - 1`` (or stop after ``stop_at_step``).
+               eval_every: int, saving: Saving, stop: StopRule) -> LoopResult:
+    """Run optimizer steps ``start_step`` .. ``max_steps - 1``, or stop early with a checkpoint by ``stop``.
 
     Each step: fetch this rank's micro-batches, count the supervised tokens of the whole step over all
     ranks (one all-reduce), then forward / token losses / backward per micro-batch, scaled so the gradient
@@ -131,6 +141,7 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
     has_eval = any(s.eval is not None and len(s.eval) for s in data.sources)
     losses: list[float] = []
     total_tokens, start = 0, time.time()
+    step_seconds = save_seconds = 0.0
     step = start_step - 1
     for step in range(start_step, max_steps):
         step_start = time.time()
@@ -175,12 +186,18 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
         if (step + 1) % log_every == 0 or last:
             log(f"step {step + 1}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm):.3f}"
                 f"  tok/s {total_tokens / elapsed:,.0f}" + (f"  eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
-        stop = stop_at_step is not None and step + 1 >= stop_at_step and not last
-        if (save_every and (step + 1) % save_every == 0 and not last) or stop:
-            path = save_checkpoint(engine, run_dir, step + 1, keep_last=keep_last)
+        # 7. checkpoint every save_every steps, and before stopping early; the run ends at max_steps.
+        step_seconds = max(step_seconds, time.time() - step_start)
+        why = None if last else stop.reason(step=step + 1, steps_run=len(losses), step_seconds=step_seconds,
+                                            save_seconds=save_seconds)
+        if (saving.every and (step + 1) % saving.every == 0 and not last) or why:
+            save_start = time.time()
+            path = save_checkpoint(engine, saving.run_dir, step + 1, keep_last=saving.keep_last,
+                                   run_settings=saving.run_settings)
+            save_seconds = time.time() - save_start
             log(f"checkpoint saved: {path}")
-        # 7. stop checks: the run ends at max_steps, or early at stop_at_step with a checkpoint to resume from.
-        if stop:
+        if why:
+            log(f"stopping early ({why})")
             break
     return LoopResult(len(losses), step + 1, losses[0] if losses else float("nan"),
                       losses[-1] if losses else float("nan"), total_tokens, time.time() - start)
@@ -215,18 +232,44 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
     return engine, model
 
 
+def check_same_run(checkpoint: Path, now: dict, *, allow: bool) -> None:
+    """Stop (ConfigError) if the checkpoint was written by a run whose steps saw other samples than ``now``'s
+    settings give; with ``allow``, log each difference and go on."""
+    saved = saved_state(checkpoint).get("run")
+    if saved is None:
+        log(f"warning: {checkpoint} records no run settings (an older sftdist wrote it): resuming unchecked")
+        return
+    for change in check_unchanged(saved, now, checkpoint=str(checkpoint), allow=allow):
+        log(f"warning: resuming despite a change (train.resume_allow_changes=true): {change}")
+
+
 def run(cfg: SFTConfig) -> Path:
     """Build every component from the typed config, train, export ``final/``; return the run directory."""
+    started = time.time()
+    t = cfg.train
+    clear_stale_build_locks(cfg.parallelism.build_lock_stale_s)  # before DeepSpeed builds or loads any op
     init_distributed()
     gpu, world = has_gpu(), world_size()
     validate(cfg, dp_world=world, has_gpu=gpu)
     run_dir = Path(broadcast_from_main(str(Path(cfg.output_dir).absolute())))  # one directory for all ranks
-    resume_from = resolve_resume(run_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+    for path in clean_partial_saves(run_dir):
+        log(f"removed {path}, left by a save that crashed")
+    resume_from = resolve_resume(run_dir, resume=t.resume, overwrite=t.overwrite)
+    resume_step = checkpoint_step(resume_from) if resume_from else None
+    if resume_step is not None and t.stop_at_step is not None and resume_step >= t.stop_at_step:
+        log(f"{resume_from} is at step {resume_step}, already at train.stop_at_step={t.stop_at_step}: nothing "
+            f"to run (raise it, or use train.stop_after_steps / stop_after_minutes to stop relative to this run)")
+        return run_dir
 
     tokenizer = load_tokenizer(cfg.model)
-    t = cfg.train
+    settings = run_settings(cfg, tokenizer)
+    if resume_from:
+        check_same_run(resume_from, settings, allow=t.resume_allow_changes)  # before the data stage's work
     dirs = local_main_first(lambda: prepare_all(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed))
     data = build_datasets(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed, dirs=dirs)
+    kept = data_summary({s.name: s.stats for s in data.sources})
+    if resume_from:
+        check_same_run(resume_from, kept, allow=t.resume_allow_changes)
     schedule = build_schedule(data, cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
                               max_length=t.max_length)
     log_data_report(data, schedule)
@@ -234,15 +277,23 @@ def run(cfg: SFTConfig) -> Path:
 
     precision = resolve_precision(cfg.parallelism.precision, gpu=gpu)
     ds_config = build_ds_config(cfg.parallelism, t, dp_world=world, precision=precision, gpu=gpu)
-    if resume_from and saved_world_size(resume_from) != world:
-        # ZeRO shards optimizer state by rank: another world size loads DeepSpeed's universal format.
-        resume_from = local_main_first(lambda: universal_checkpoint(resume_from))
+    if precision == "bf16" and ds_config.get("data_types", {}).get("grad_accum_dtype") != "fp32" \
+            and grad_accum_steps(t, world) > 1:
+        log(f"warning: {grad_accum_steps(t, world)} micro-batch gradients are summed in bf16 (ZeRO-0, or "
+            f"parallelism.grad_accum_dtype=bf16), which drops their low-order bits; ZeRO 1-3 sum in fp32")
+    if resume_from and needs_universal(resume_from, world):
+        # ZeRO 1-3 shard optimizer state by rank: another world size loads DeepSpeed's universal format,
+        # converted once for the whole job (on shared storage every node sees the same directory).
+        written_by = saved_world_size(resume_from)
+        resume_from = main_only(lambda: universal_checkpoint(resume_from))
         ds_config["checkpoint"] = {"load_universal": True}
-        log(f"checkpoint written by {saved_world_size(resume_from)} rank(s), resuming on {world}: "
-            f"converted to {resume_from}")
+        log(f"checkpoint written by {written_by} rank(s), resuming on {world}: converted to {resume_from}")
     cfg.output_dir = str(run_dir)
-    prepare_run_dir(run_dir, overwrite=t.overwrite, resume_step=checkpoint_step(resume_from) if resume_from else None,
+    prepare_run_dir(run_dir, overwrite=t.overwrite, resume_step=resume_step,
                     config_yaml=OmegaConf.to_yaml(cfg), ds_config=ds_config)
+    if resume_step is not None and (aside := retire_newer_checkpoints(run_dir, resume_step)):
+        log(f"resuming from step {resume_step}: moved this run's later checkpoints aside to {aside} "
+            f"(no longer resumed or counted by keep_last; delete them when not needed)")
 
     engine, model = build_engine(cfg, tokenizer, ds_config, precision=precision, max_steps=max_steps)
     start_step = load_checkpoint(engine, resume_from) if resume_from else 0
@@ -255,8 +306,9 @@ def run(cfg: SFTConfig) -> Path:
                             OmegaConf.to_container(OmegaConf.structured(cfg)))
     result = train_loop(engine, data, schedule, start_step=start_step, max_steps=max_steps,
                         micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
-                        metrics=metrics, log_every=cfg.logging.log_every, eval_every=t.eval_every, run_dir=run_dir,
-                        save_every=t.save_every, keep_last=t.keep_last, stop_at_step=t.stop_at_step)
+                        metrics=metrics, log_every=cfg.logging.log_every, eval_every=t.eval_every,
+                        saving=Saving(run_dir, t.save_every, t.keep_last, {**settings, **kept}),
+                        stop=StopRule.from_config(t, started))
     log(f"ran {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
         f"{result.last_loss:.4f}, {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s")
     log(f"run directory: {run_dir}")

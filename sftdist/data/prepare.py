@@ -43,8 +43,10 @@ def _files_identity(path: str) -> list:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in source_files(path)]
 
 
-def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_length: int, seed: int) -> str:
-    """Hash of the source (and its files' size and mtime), the data options, the tokenizer and max_length."""
+def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_length: int, seed: int,
+              with_files: bool = True) -> str:
+    """Hash of the source (and, ``with_files``, its files' size and mtime), the data options, the tokenizer
+    and max_length."""
     parts: dict[str, Any] = {
         "version": PIPELINE_VERSION, "source": {k: v for k, v in vars(source).items() if k not in ("name", "weight")},
         "train_on": cfg.train_on, "truncation": cfg.truncation, "on_bad_record": cfg.on_bad_record,
@@ -52,7 +54,7 @@ def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_len
     }
     for key in ("path", "eval_path"):
         p = getattr(source, key)
-        if p and is_local(DataSource(name=source.name, path=resolve_builtin(p))) and Path(resolve_builtin(p)).exists():
+        if with_files and p and is_local(DataSource(name=source.name, path=resolve_builtin(p))) and Path(resolve_builtin(p)).exists():
             parts[f"{key}_files"] = _files_identity(resolve_builtin(p))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

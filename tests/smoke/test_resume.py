@@ -1,6 +1,6 @@
 """Checkpoints resume exactly: a run stopped after step 3 and resumed gives bit-identical losses and
-weights to the uninterrupted run (fp32 on CPU), for ZeRO-2 and ZeRO-3, full and LoRA; a checkpoint saved
-on 2 ranks resumes on 1; checkpoints are atomic and pruned; earlier runs are never silently replaced."""
+weights to the uninterrupted run (fp32 on CPU), for ZeRO-2 and ZeRO-3, full and LoRA; checkpoints are
+atomic and pruned; earlier runs are never silently replaced. (Other world sizes: tests/dist.)"""
 
 import json
 import sys
@@ -64,17 +64,6 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, case):
             got[-1]["eval_loss"], rel=1e-5)
 
 
-def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train(1, [*SIX, f"output_dir={whole}"])
-    train(2, [*SIX, "train.stop_at_step=3", f"output_dir={parts}"])
-    proc = train(1, [*SIX, f"output_dir={parts}"])
-    assert "checkpoint written by 2 rank(s), resuming on 1" in proc.stdout
-    assert json.loads((parts / "ds_config.json").read_text())["checkpoint"] == {"load_universal": True}
-    got, want = read_metrics(parts), read_metrics(whole)
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
-
-
 def test_save_every_keeps_last_and_refusals(tmp_path):
     run_dir = tmp_path / "run"
     train(1, [*SIX, "train.save_every=1", "train.keep_last=2", "train.stop_at_step=5", f"output_dir={run_dir}"])
@@ -87,7 +76,7 @@ def test_save_every_keeps_last_and_refusals(tmp_path):
     assert proc.returncode != 0 and "already holds a run" in proc.stderr
     proc = train(1, [*SIX, f"output_dir={run_dir}"])
     assert "resumed from" in proc.stdout and "step-5 after step 5" in proc.stdout
-    assert (run_dir / "final").exists()
+    assert (run_dir / "final").exists() and not (ckpts / "step-6.tmp").exists()  # cleaned up on start
     proc = train(1, [*SIX, f"output_dir={run_dir}"], check=False)
     assert proc.returncode != 0 and "already holds a finished run" in proc.stderr
 

@@ -1,0 +1,142 @@
+"""Removes the torch-extension build locks that a killed run left behind, so later runs do not hang.
+
+DeepSpeed JIT-compiles its ops (cpu_adam, fused_adam, deepspeed_shm_comm, ...) through
+``torch.utils.cpp_extension.load``, which serialises the builders of one op with a ``FileBaton``: the first
+process creates ``<build root>/<op>/lock``, builds, and removes the file; every other process polls until the
+file is gone, with no timeout. A run killed mid-build (OOM killer, scancel, a second Ctrl-C) never removes it,
+and from then on every run on every node that shares the build root waits forever in ``deepspeed.initialize``,
+silently.
+
+A lock is left alone while a process on this host is building that op: ninja and the compiler run with the
+op's directory as their working directory, and the builder keeps the lock file open. A lock with no local
+builder may belong to a builder on another node sharing the filesystem, which cannot be seen from here, so it
+is waited for until it is ``stale_after_s`` old (by mtime; the baton never touches it) and then removed.
+Set ``stale_after_s`` above the longest build of any op.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+def warn(msg: str) -> None:
+    """Print on every rank (``sftdist.logging.log`` is rank 0 only): whichever local rank removes a lock
+    is the one that must say so."""
+    print(f"[sftdist rank {os.environ.get('RANK', '0')}] WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def extensions_root() -> Path:
+    """The directory under which ``torch.utils.cpp_extension`` builds each op, in ``<root>/<op>``.
+
+    This is the rule of torch's private ``_get_build_directory``, without its side effect of creating the
+    directory: a run whose ops are prebuilt must not fail on a read-only home.
+    """
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if explicit is not None:
+        return Path(explicit).resolve()  # resolved, as the working directories in /proc are
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root(), f"{python}_{accelerator}")
+
+
+def readable_links(paths) -> Iterator[str]:
+    """The targets of those symlinks that can be read: ``/proc`` entries of other users' processes, and of
+    processes or descriptors that go away while being looked at, are skipped."""
+    for path in paths:
+        try:
+            yield os.readlink(path)
+        except OSError:
+            continue
+
+
+def has_local_builder(op_dir: Path) -> bool:
+    """True when a process on this host works inside ``op_dir`` or holds its ``lock`` open."""
+    lock = str(op_dir / "lock")
+    try:
+        procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    except OSError:  # no procfs (not Linux): no builder can be seen
+        return False
+    for proc in procs:
+        if any(Path(cwd).is_relative_to(op_dir) for cwd in readable_links([proc / "cwd"])):
+            return True
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        if lock in readable_links(fds):  # the baton's descriptor: before ninja starts and after it ends
+            return True
+    return False
+
+
+def lock_age(lock: Path) -> float | None:
+    """Seconds since ``lock`` was created (its mtime), or None once it is gone."""
+    try:
+        return time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def settle(lock: Path, stale_after_s: float, poll_s: float, log: Callable[[str], None]) -> float | None:
+    """Wait until ``lock`` is gone, has a local builder (both: None) or is stale (its age)."""
+    waiting = False
+    while True:
+        if has_local_builder(lock.parent):
+            return None
+        age = lock_age(lock)  # read after the scan, so the age is as fresh as the removal needs
+        if age is None or age >= stale_after_s:
+            return age
+        if not waiting:
+            log(f"waiting for torch extension build lock {lock} (age {age:.0f} s, no build of it on this "
+                f"host: another node may be building it); it is removed once {stale_after_s:.0f} s old")
+            waiting = True
+        time.sleep(min(poll_s, stale_after_s - age))
+
+
+def clear_stale_build_locks(stale_after_s: float, *, poll_s: float = 5.0,
+                            log: Callable[[str], None] = warn) -> list[Path]:
+    """Remove every stale build lock under the torch extensions root; call before DeepSpeed builds ops.
+
+    Locks are settled one after another, but they all age meanwhile, so the whole call waits at most
+    about ``stale_after_s``.
+
+    Args:
+        stale_after_s: Age (seconds, by mtime) after which a lock with no builder on this host is stale.
+        poll_s: Seconds between looks at a young lock with no local builder.
+        log: Where the warnings go; by default stderr, on every rank.
+
+    Returns:
+        The lock files removed.
+
+    Raises:
+        RuntimeError: naming a stale lock that could not be removed (e.g. no permission), to delete by hand.
+    """
+    root = extensions_root()
+    removed = []
+    for lock in sorted(root.glob("*/lock")):
+        age = settle(lock, stale_after_s, poll_s, log)
+        if age is None:
+            continue
+        try:
+            lock.unlink()
+        except FileNotFoundError:  # another local rank removed it first
+            continue
+        except OSError as e:
+            raise RuntimeError(f"stale torch extension build lock {lock} (age {age:.0f} s, no build of it on "
+                               f"this host) cannot be removed ({e}); every run would wait on it forever: "
+                               f"delete it by hand") from e
+        log(f"removed stale torch extension build lock {lock} (age {age:.0f} s, no build of it on this "
+            f"host): a run was killed while building this op")
+        removed.append(lock)
+    return removed

@@ -1,0 +1,66 @@
+"""What makes a resumed run the same run: the settings and data that decide which samples each step sees.
+
+The sample order is a pure function of the step, the mixed data and a few settings (``loader.py``). A
+checkpoint stores them in ``trainer_state.json``; a resume compares them with the new run's and stops with an
+error naming every difference, since a changed global batch size, seed, max_length, tokenizer or data set
+would silently shift the samples of every later step. ``train.resume_allow_changes=true`` resumes anyway and
+logs the differences. Learning rate, schedule, run length and logging may change freely.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sftdist.config import ConfigError, SFTConfig
+from sftdist.data.prepare import cache_key, tokenizer_fingerprint
+
+
+def run_settings(cfg: SFTConfig, tokenizer) -> dict[str, Any]:
+    """The settings that decide the sample order and the token ids, as ``{config key: value}``.
+
+    A source's ``processing`` is its data cache key without its files' size and modification time (a
+    copied or touched file keeps the run resumable; the data check below compares the records themselves).
+    """
+    t, d = cfg.train, cfg.data
+    settings: dict[str, Any] = {
+        "train.global_batch_size": t.global_batch_size, "train.seed": t.seed, "train.max_length": t.max_length,
+        "data.packing": d.packing, "data.mix_by": d.mix_by, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data.sources": [s.name for s in d.sources],
+    }
+    for s in d.sources:
+        settings[f"data.sources[{s.name}].weight"] = s.weight
+        settings[f"data.sources[{s.name}].processing"] = cache_key(s, d, "", max_length=t.max_length, seed=t.seed,
+                                                                   with_files=False)
+    return settings
+
+
+def data_summary(stats: dict[str, dict]) -> dict[str, Any]:
+    """Per source, what the data stage kept: ``{data.sources[name].records: [records, kept, tokens,
+    supervised tokens]}`` from each source's cached ``stats.json``."""
+    return {f"data.sources[{name}].records": [s["records"], s["kept"], s["tokens"], s["supervised_tokens"]]
+            for name, s in stats.items()}
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: saved -> now`` for every key of ``now`` that the checkpoint recorded with another value.
+
+    Example:
+        >>> differences({"train.seed": 1, "train.max_length": 512}, {"train.seed": 2, "train.max_length": 512})
+        ['train.seed: 1 -> 2']
+    """
+    return [f"{k}: {saved[k]} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
+
+
+def check_unchanged(saved: dict[str, Any], now: dict[str, Any], *, checkpoint: str, allow: bool) -> list[str]:
+    """Raise unless the resumed run sees the same samples; return the differences that ``allow`` accepts.
+
+    Raises:
+        ConfigError: naming the checkpoint and each changed key.
+    """
+    changed = differences(saved, now)
+    if changed and not allow:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: this run differs from the one that wrote it in what each step "
+            f"trains on ({'; '.join(changed)}). Resume with the same settings, start a new output_dir, or set "
+            f"train.resume_allow_changes=true to resume anyway")
+    return changed

@@ -1,0 +1,142 @@
+"""Stale torch-extension build locks: removed when no builder can hold them, kept while one can, and a run
+that finds one left by a killed build trains instead of waiting forever."""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, run_cmd
+
+OPS = ("cpu_adam", "deepspeed_shm_comm", "fused_adam")  # what a CPU run of DeepSpeed builds
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    return tmp_path / "ext"
+
+
+@pytest.fixture
+def clear(root):
+    """``clear_stale_build_locks``, imported here so that the end-to-end test also runs (and hangs) on a tree
+    without it."""
+    from sftdist.build_locks import clear_stale_build_locks
+
+    return clear_stale_build_locks
+
+
+def make_lock(root: Path, op: str, age_s: float) -> Path:
+    lock = root / op / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    os.utime(lock, (time.time() - age_s,) * 2)
+    return lock
+
+
+@pytest.fixture
+def builder():
+    """``builder(cwd, hold=None)``: a live process working in ``cwd`` (and holding ``hold`` open)."""
+    procs = []
+
+    def start(cwd: Path, hold: Path | None = None) -> subprocess.Popen:
+        stdin = open(hold) if hold else subprocess.DEVNULL  # open from exec on: no wait for it to start
+        procs.append(subprocess.Popen(["sleep", "60"], cwd=cwd, stdin=stdin))
+        if hold:
+            stdin.close()
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_root_is_where_torch_builds(root, monkeypatch):
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from sftdist.build_locks import extensions_root
+
+    assert extensions_root() == root.resolve() == Path(_get_build_directory("", verbose=False)).resolve()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert extensions_root() == Path(_get_build_directory("", verbose=False)).resolve()  # "": the root
+
+
+def test_stale_lock_is_removed_and_reported(root, clear):
+    lock = make_lock(root, "cpu_adam", age_s=3600)
+    make_lock(root, "fused_adam", age_s=0).unlink()  # an op directory without a lock
+    logged = []
+    assert clear(60, log=logged.append) == [lock]
+    assert not lock.exists()
+    assert len(logged) == 1 and str(lock) in logged[0] and "stale" in logged[0]
+
+
+def test_lock_of_a_live_local_builder_is_kept_however_old(root, clear, builder):
+    in_build = make_lock(root, "cpu_adam", age_s=3600)
+    (root / "cpu_adam" / "sub").mkdir()
+    builder(root / "cpu_adam" / "sub")  # ninja and the compiler run with the op directory as cwd
+    held = make_lock(root, "fused_adam", age_s=3600)
+    builder(root, hold=held)  # the baton keeps the lock open before ninja starts and after it ends
+    logged = []
+    start = time.monotonic()
+    assert clear(60, poll_s=30, log=logged.append) == []
+    assert time.monotonic() - start < 10  # no waiting either
+    assert in_build.exists() and held.exists() and logged == []
+
+
+def test_young_lock_of_a_live_local_builder_is_kept_without_waiting(root, clear, builder):
+    lock = make_lock(root, "deepspeed_shm_comm", age_s=0)
+    builder(lock.parent)
+    start = time.monotonic()
+    assert clear(600, poll_s=30, log=[].append) == []
+    assert lock.exists() and time.monotonic() - start < 10
+
+
+def test_young_lock_without_builder_is_waited_for_until_stale(root, clear):
+    lock = make_lock(root, "cpu_adam", age_s=0.5)
+    logged = []
+    start = time.monotonic()
+    assert clear(2.0, poll_s=0.1, log=logged.append) == [lock]
+    assert 1.3 <= time.monotonic() - start < 10
+    assert not lock.exists()
+    assert "waiting" in logged[0] and str(lock) in logged[0] and str(lock) in logged[-1]
+
+
+def test_lock_released_while_waiting_is_not_reported(root, clear):
+    lock = make_lock(root, "cpu_adam", age_s=0)
+    threading.Timer(0.5, lock.unlink).start()  # a builder on another node finishes
+    assert clear(30, poll_s=0.1, log=[].append) == []
+
+
+def test_lock_that_cannot_be_removed_names_the_file(root, clear, monkeypatch):
+    lock = make_lock(root, "cpu_adam", age_s=3600)
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(RuntimeError, match=f"{lock}.*delete it"):
+        clear(60, log=[].append)
+
+
+def test_training_after_a_killed_build_removes_its_locks(tmp_path, monkeypatch):
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    built = Path(_get_build_directory("", verbose=False))  # name "" gives the root of the op directories
+    ext = tmp_path / "ext"
+    if built.is_dir():  # the ops already built, so the run links them instead of compiling (mtimes kept)
+        shutil.copytree(built, ext, symlinks=True)
+    locks = [make_lock(ext, op, age_s=3600) for op in OPS]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    # Without the clean-up, DeepSpeed waits on the first lock forever and this times out.
+    train = [sys.executable, "-m", "sftdist.train", *FAST, f"output_dir={tmp_path / 'run'}"]
+    proc = run_cmd(train, timeout=240)
+    assert not any(lock.exists() for lock in locks)
+    assert all(str(lock) in proc.stderr for lock in locks)
+    assert (tmp_path / "run" / "final").is_dir()
