@@ -1,23 +1,29 @@
-"""``sftdist-launch [--dry-run] [overrides]``: compose the config, then exec torchrun or the deepspeed
-launcher on ``sftdist.train`` with the same overrides and one pinned run directory."""
+"""``sftdist-launch [--dry-run] [--wait] [overrides]``: compose the config, then exec torchrun or the
+deepspeed launcher on ``sftdist.train`` with the same overrides and one pinned run directory, or (with
+``launch=slurm``) write ``<output_dir>/job.sbatch`` and submit it.
+
+The launcher builds commands and does not train: nothing here imports torch, DeepSpeed or transformers.
+"""
 
 from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from sftdist.config import LaunchConfig, SFTConfig, compose_config
-from sftdist.parallel import free_port
+from sftdist.config import ConfigError, LaunchConfig, SFTConfig, compose_config
+from sftdist.hostinfo import free_port, visible_gpus
+from sftdist.slurm import job_name_of, prepare_script, train_script
+
+USAGE = "usage: sftdist-launch [--dry-run] [--wait] [key=value ...]"
 
 
 def default_nproc() -> int:
     """Every visible GPU, or 2 CPU processes on a host without GPUs."""
-    import torch
-
-    return torch.cuda.device_count() or 2
+    return visible_gpus() or 2
 
 
 def launcher_command(launch: LaunchConfig, overrides: list[str], *, nproc: int) -> list[str]:
@@ -31,6 +37,9 @@ def launcher_command(launch: LaunchConfig, overrides: list[str], *, nproc: int) 
         cmd = [sys.executable, "-m", "torch.distributed.run"]
         if launch.nnodes == 1:
             cmd += ["--standalone"]  # a free local port, so concurrent single-node runs never collide
+        elif launch.rdzv_endpoint:  # c10d rendezvous: start the same command on every node, any order
+            cmd += ["--nnodes", str(launch.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                    launch.rdzv_endpoint, "--rdzv_id", f"sftdist-{launch.master_port}"]
         else:
             cmd += ["--nnodes", str(launch.nnodes), "--node_rank", str(launch.node_rank),
                     "--master_addr", launch.master_addr, "--master_port", str(launch.master_port)]
@@ -38,7 +47,9 @@ def launcher_command(launch: LaunchConfig, overrides: list[str], *, nproc: int) 
     # The module form of the `deepspeed` script: works whether or not the venv's bin/ is on PATH.
     port = launch.master_port if launch.nnodes > 1 else free_port()  # concurrent local runs never collide
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port)]
-    if launch.nnodes > 1:
+    if launch.hostfile:  # ssh fan-out from this node to every host of the hostfile
+        cmd += ["--hostfile", launch.hostfile, "--master_addr", launch.master_addr]
+    elif launch.nnodes > 1:
         # One launcher per node (e.g. one srun task per node), no ssh fan-out from a hostfile.
         cmd += ["--num_nodes", str(launch.nnodes), "--node_rank", str(launch.node_rank),
                 "--master_addr", launch.master_addr, "--no_ssh"]
@@ -54,16 +65,65 @@ def resolve_launch(overrides: list[str]) -> tuple[SFTConfig, list[str]]:
     return cfg, pinned
 
 
+def submit_slurm(cfg: SFTConfig, overrides: list[str], *, dry_run: bool, wait: bool) -> int:
+    """Write ``job.sbatch`` (and ``prepare.sbatch`` with ``launch.prepare_first``) into the run directory and
+    submit them; ``--dry-run`` prints them instead, ``--wait`` waits for the training job and returns its
+    exit status."""
+    launch, run_dir = cfg.launch, Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    common = dict(python=sys.executable, cwd=Path.cwd(), overrides=overrides, run_dir=run_dir,
+                  job_name=job_name_of(launch, cfg.run_name, run_dir))
+    scripts = [("job.sbatch", train_script(launch, **common))]
+    if launch.prepare_first:
+        scripts.insert(0, ("prepare.sbatch", prepare_script(launch, **common)))
+    for name, text in scripts:
+        (run_dir / name).write_text(text)
+        print(f"wrote {run_dir / name}", flush=True)
+        if dry_run:
+            print(text, flush=True)
+    if dry_run:
+        return 0
+    dependency = []
+    if launch.prepare_first:
+        prepare_id = sbatch([str(run_dir / "prepare.sbatch")])
+        print(f"submitted data preparation job {prepare_id}", flush=True)
+        dependency = [f"--dependency=afterok:{prepare_id}"]
+    if wait:
+        proc = subprocess.run(["sbatch", "--wait", *dependency, str(run_dir / "job.sbatch")])
+        return proc.returncode
+    print(f"submitted training job {sbatch([*dependency, str(run_dir / 'job.sbatch')])}; log: "
+          f"{run_dir}/slurm-<job id>.out", flush=True)
+    return 0
+
+
+def sbatch(args: list[str]) -> str:
+    """Submit with ``sbatch --parsable``; return the job id."""
+    proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"sftdist-launch: sbatch {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    dry_run = "--dry-run" in args
-    overrides = [a for a in args if a != "--dry-run"]
+    flags = {a for a in args if a in ("--dry-run", "--wait")}
+    overrides = [a for a in args if a not in flags]
     if any(a.startswith("-") for a in overrides):
-        sys.exit(f"sftdist-launch: unknown option in {overrides}; usage: sftdist-launch [--dry-run] [key=value ...]")
-    cfg, pinned = resolve_launch(overrides)
+        sys.exit(f"sftdist-launch: unknown option in {overrides}; {USAGE}")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg, pinned = resolve_launch(overrides)
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        sys.exit(f"sftdist-launch: error: {e}")
+    if cfg.launch.launcher == "slurm":
+        sys.exit(submit_slurm(cfg, pinned, dry_run="--dry-run" in flags, wait="--wait" in flags))
+    if "--wait" in flags:
+        sys.exit(f"sftdist-launch: --wait is for launch=slurm; {USAGE}")
     cmd = launcher_command(cfg.launch, pinned, nproc=cfg.launch.nproc_per_node or default_nproc())
     print(shlex.join(cmd), flush=True)
-    if not dry_run:
+    if "--dry-run" not in flags:
         os.execvp(cmd[0], cmd)
 
 

@@ -4,7 +4,6 @@ config builder and the engine wrapper. DeepSpeed is imported only inside functio
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
 
@@ -12,13 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sftdist.config import ParallelConfig, TrainConfig, grad_accum_steps
-
-
-def free_port() -> int:
-    """A TCP port that is free on this host right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sftdist.hostinfo import free_port
 
 
 def has_gpu() -> bool:
@@ -35,13 +28,41 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(slurm_rank_env(os.environ) or dict(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port())))
     if has_gpu():
         torch.cuda.set_device(local_rank())
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if has_gpu() else "gloo")
+
+
+def slurm_rank_env(env) -> Optional[dict[str, str]]:
+    """The process-group variables of a rank that ``srun`` started (sbatch jobs, submitit), from SLURM's own:
+    rank = ``SLURM_PROCID``, world = the step's tasks; the others are met at the job's first node on a port
+    derived from the job id, unless ``MASTER_ADDR``/``MASTER_PORT`` are set. None outside a multi-task step.
+
+    Example:
+        >>> slurm_rank_env({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+        ...                 "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "1234", "MASTER_ADDR": "n1"})
+        {'RANK': '3', 'WORLD_SIZE': '4', 'LOCAL_RANK': '1', 'LOCAL_WORLD_SIZE': '2', 'MASTER_ADDR': 'n1', 'MASTER_PORT': '21234'}
+    """
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if "SLURM_PROCID" not in env or world <= 1:
+        return None
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    addr = env.get("MASTER_ADDR") or _first_host(env["SLURM_JOB_NODELIST"])
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": per_node.split("(")[0].split(",")[0], "MASTER_ADDR": addr,
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 40000)}
+
+
+def _first_host(nodelist: str) -> str:
+    import subprocess
+
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
 
 
 def rank() -> int:
@@ -145,8 +166,10 @@ def stage0_grad_norm(engine) -> float:
 
 def shutdown() -> None:
     """Leave the process group cleanly (an abandoned gloo group can abort the interpreter at exit)."""
+    global _SLOW_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
+    _SLOW_GROUP = None  # belonged to the destroyed group; a next run in this process (a sweep) makes its own
 
 
 def barrier() -> None:

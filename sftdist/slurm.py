@@ -1,0 +1,93 @@
+"""SLURM batch scripts for ``sftdist-launch launch=slurm``: pure text builders, no torch, no side effects.
+
+The training job starts every rank with ``srun`` (``--ntasks-per-node`` = processes per node) and no torchrun
+agent in between: each rank reads its rank and world size from SLURM's variables (``parallel.init_distributed``)
+and meets the others at the first node of the job (``MASTER_ADDR`` from ``scontrol show hostnames``, a port
+derived from the job id), and SLURM's signals reach every rank directly. ``--signal=USR1@S`` asks for SIGUSR1
+S seconds before the time limit: every rank finishes its step, the job checkpoints, requeues itself and exits,
+and the requeued job resumes (``train.resume=auto``).
+
+Every value that comes from the config is shell-quoted (``shlex.quote``) where the shell reads it, and
+``#SBATCH`` values are single lines (``LaunchConfig`` refuses line breaks), so no config value can run code.
+``launch.setup`` lines are shell code on purpose: the user's own ``module load`` or ``source`` lines.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from sftdist.config import LaunchConfig
+
+
+def job_name_of(launch: LaunchConfig, run_name: str | None, run_dir: Path) -> str:
+    """``launch.job_name``, else the run name, else the run directory's name, with only ``[A-Za-z0-9._-]``.
+
+    Example:
+        >>> job_name_of(LaunchConfig(), 'x"; touch /tmp/pwned; "', Path("/runs/a"))
+        'x___touch__tmp_pwned___'
+    """
+    name = launch.job_name or run_name or run_dir.name or "sftdist"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]
+
+
+def processes_per_node(launch: LaunchConfig) -> int:
+    """``launch.nproc_per_node``, else one process per requested GPU, else one."""
+    return launch.nproc_per_node or launch.gpus_per_node or 1
+
+
+def sbatch_header(launch: LaunchConfig, *, job_name: str, log: Path, nodes: int, tasks_per_node: int,
+                  gpus: bool = True) -> list[str]:
+    """The ``#SBATCH`` lines for the resources in ``launch`` (values are single lines; see the module doc)."""
+    lines = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+             f"--time={launch.time}", f"--output={log}", "--open-mode=append"]
+    options = {"partition": launch.partition, "account": launch.account, "qos": launch.qos,
+               "cpus-per-task": launch.cpus_per_task, "mem": launch.mem, "constraint": launch.constraint}
+    lines += [f"--{k}={v}" for k, v in options.items() if v is not None]
+    if gpus and launch.gpus_per_node:
+        lines.append(f"--gpus-per-node={launch.gpus_per_node}")
+    return ["#SBATCH " + line for line in [*lines, *launch.sbatch_extra]]
+
+
+def _script(header: list[str], launch: LaunchConfig, cwd: Path, body: list[str], what: str) -> str:
+    setup = launch.setup or ["# (launch.setup: module load / source <venv>/bin/activate lines go here)"]
+    return "\n".join(["#!/bin/bash", f"# {what}, written by sftdist-launch; submit it again with: sbatch <this file>",
+                      *header, "set -euo pipefail", *setup, f"cd {shlex.quote(str(cwd))}", *body]) + "\n"
+
+
+def train_script(launch: LaunchConfig, *, python: str, cwd: Path, overrides: list[str], run_dir: Path,
+                 job_name: str) -> str:
+    """The training job: ``srun`` starts ``nnodes x processes_per_node`` ranks of ``python -m sftdist.train``.
+
+    Example:
+        >>> s = train_script(LaunchConfig(nnodes=2, nproc_per_node=4), python="/venv/bin/python", cwd=Path("/w"),
+        ...                  overrides=["run_name=a b"], run_dir=Path("/runs/a"), job_name="a")
+        >>> s.splitlines()[-1]
+        "srun --kill-on-bad-exit=1 /venv/bin/python -m sftdist.train 'run_name=a b'"
+        >>> "#SBATCH --signal=USR1@300" in s and "#SBATCH --requeue" in s and "#SBATCH --nodes=2" in s
+        True
+    """
+    header = sbatch_header(launch, job_name=job_name, log=run_dir / "slurm-%j.out", nodes=launch.nnodes,
+                           tasks_per_node=processes_per_node(launch))
+    if launch.signal_seconds:
+        header.append(f"#SBATCH --signal=USR1@{launch.signal_seconds}")
+    header.append("#SBATCH --requeue" if launch.requeue else "#SBATCH --no-requeue")
+    body = [
+        "# Rendezvous at the job's first node, on a port derived from the job id (one job, one port).",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))",
+        f"export SFTDIST_REQUEUE={int(launch.requeue)}  # on SIGUSR1: checkpoint, then scontrol requeue",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-" + str(launch.cpus_per_task or 1) + "}",
+        f"srun --kill-on-bad-exit=1 {shlex.join([python, '-m', 'sftdist.train', *overrides])}",
+    ]
+    return _script(header, launch, cwd, body, "sftdist training job")
+
+
+def prepare_script(launch: LaunchConfig, *, python: str, cwd: Path, overrides: list[str], run_dir: Path,
+                   job_name: str) -> str:
+    """The data job of ``launch.prepare_first``: ``sftdist-prepare`` on one node, no GPU, one task."""
+    header = sbatch_header(launch, job_name=f"{job_name}-prepare", log=run_dir / "slurm-prepare-%j.out",
+                           nodes=1, tasks_per_node=1, gpus=False)
+    body = [shlex.join([python, "-c", "from sftdist.data_cli import prepare_main; prepare_main()", *overrides])]
+    return _script(header, launch, cwd, body, "sftdist data preparation job")
