@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
@@ -31,10 +32,12 @@ from sftdist.optim import lr_multiplier, param_groups, warmup_steps
 from sftdist.parallel import (all_reduce_sum, barrier, broadcast_from_main, build_ds_config, device, has_gpu,
                               init_distributed, is_main, local_main_first, main_only, rank, resolve_precision,
                               shutdown, stage0_grad_norm, world_size, wrap_with_deepspeed, zero3_init_context)
+from sftdist.preemption import install_stop_handlers, received, requeue_after
 from sftdist.peft import apply_peft, merge_adapter, trainable_summary
 from sftdist.resume_check import check_unchanged, data_summary, run_settings
 from sftdist.rundir import clean_partial_saves, prepare_run_dir, resolve_resume, retire_newer_checkpoints
 from sftdist.stop_rule import StopRule
+from sftdist.sweep import in_multirun, place_sweep_point
 
 register_configs()
 
@@ -47,6 +50,7 @@ class LoopResult:
     last_loss: float
     tokens: int
     seconds: float
+    stop_signal: Optional[str] = None  # SIGUSR1 / SIGTERM when one stopped the run early
 
 
 def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: int, *, packed: bool,
@@ -168,7 +172,11 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
             sums += per_source_sums(token_losses, batch["token_source"][mask], num_sources)
 
         # 6. log: the step's loss is its summed token loss over all ranks divided by its supervised tokens.
-        totals = all_reduce_sum(sums.tolist())
+        # The same collective tells every rank whether any rank got a stop signal (preemption.py).
+        signalled = received()
+        totals = all_reduce_sum([*sums.tolist(), float(signalled == "SIGUSR1"), float(signalled == "SIGTERM")])
+        got_term, got_usr1 = totals.pop() > 0, totals.pop() > 0
+        stop_signal = "SIGTERM" if got_term else "SIGUSR1" if got_usr1 else None  # a cancel is never requeued
         loss = sum(totals[:num_sources]) / max(global_supervised, 1)
         grad_norm = grad_norm if stage0 else engine.get_global_grad_norm()
         total_tokens += int(global_tokens)
@@ -188,8 +196,8 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
                 f"  tok/s {total_tokens / elapsed:,.0f}" + (f"  eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
         # 7. checkpoint every save_every steps, and before stopping early; the run ends at max_steps.
         step_seconds = max(step_seconds, time.time() - step_start)
-        why = None if last else stop.reason(step=step + 1, steps_run=len(losses), step_seconds=step_seconds,
-                                            save_seconds=save_seconds)
+        why = None if last else (f"{stop_signal} received" if stop_signal else None) or stop.reason(
+            step=step + 1, steps_run=len(losses), step_seconds=step_seconds, save_seconds=save_seconds)
         if (saving.every and (step + 1) % saving.every == 0 and not last) or why:
             save_start = time.time()
             path = save_checkpoint(engine, saving.run_dir, step + 1, keep_last=saving.keep_last,
@@ -200,7 +208,8 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
             log(f"stopping early ({why})")
             break
     return LoopResult(len(losses), step + 1, losses[0] if losses else float("nan"),
-                      losses[-1] if losses else float("nan"), total_tokens, time.time() - start)
+                      losses[-1] if losses else float("nan"), total_tokens, time.time() - start,
+                      stop_signal if why else None)
 
 
 def log_data_report(data: TrainData, schedule: SampleSchedule) -> None:
@@ -302,6 +311,7 @@ def run(cfg: SFTConfig) -> Path:
     log(f"{world} process(es), ZeRO-{cfg.parallelism.zero_stage}, {precision}, "
         f"grad accumulation {grad_accum_steps(t, world)}, {max_steps} steps; {trainable_summary(model)}")
 
+    install_stop_handlers()  # from here on a stop signal means: finish the step, checkpoint, exit
     metrics = MetricsLogger(run_dir, cfg.logging, cfg.run_name or run_dir.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)))
     result = train_loop(engine, data, schedule, start_step=start_step, max_steps=max_steps,
@@ -320,6 +330,8 @@ def run(cfg: SFTConfig) -> Path:
             barrier()
     else:
         log(f"stopped after step {result.last_step} of {max_steps}; the same command resumes from the checkpoint")
+        if result.stop_signal and is_main() and (requeued := requeue_after(result.stop_signal)):
+            log(requeued)
     metrics.close()
     return run_dir
 
@@ -327,14 +339,18 @@ def run(cfg: SFTConfig) -> Path:
 @hydra.main(version_base=None, config_path="pkg://sftdist.conf", config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
     try:
+        place_sweep_point(raw)  # a multirun point gets its own output_dir, W&B group and run name
         cfg: SFTConfig = OmegaConf.to_object(raw)  # the DictConfig stops here: typed dataclasses from now on
         run(cfg)
     except (ConfigError, DataError) as e:
         # A user mistake, not a crash: one clear line (from rank 0; every rank fails the same way).
         sys.exit(f"sftdist: error: {e}" if is_main() else 2)
     distributed = world_size() > 1
-    shutdown()
-    if distributed:
+    if distributed or not in_multirun():
+        # (The points of a local sweep run one after another in this process and share its one-process
+        # group: DeepSpeed keeps references to it that a new group would not satisfy.)
+        shutdown()
+    if distributed and "SUBMITIT_FOLDER" not in os.environ:  # a submitit task still has its result to write
         # Every file is written and closed. Skip interpreter teardown: in multi-process CPU runs a native
         # thread left by the gloo/DeepSpeed stack occasionally aborts the process at exit ("terminate called
         # without an active exception"), which would turn a finished run into a failed job.

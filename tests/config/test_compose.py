@@ -10,7 +10,8 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from sftdist.config import ConfigError, SFTConfig, validate
 from tests.conftest import REPO, compose
 
-GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir())
+# conf/hydra/ holds Hydra's own groups (the SLURM launcher), conf/sweep/ the optional +sweep presets.
+GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and p.name not in ("hydra", "sweep"))
 
 
 def options(group):
@@ -29,6 +30,26 @@ def test_every_option_composes_and_validates(group, option):
     validate(cfg, dp_world=2, has_gpu=True)
     # Every YAML opens with a header comment giving a launch command.
     assert (REPO / "conf" / group / f"{option}.yaml").read_text().startswith("#")
+
+
+def test_sweep_presets_and_slurm_launcher_compose():
+    import subprocess
+    import sys
+
+    import yaml
+
+    def composed(*overrides):
+        out = subprocess.run([sys.executable, "-m", "sftdist.train", *overrides, "--cfg", "all", "--resolve"],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+        return yaml.safe_load(out)
+
+    assert composed("+sweep=lr")["hydra"]["sweeper"]["params"] == {"train.lr": "1e-5,2e-5,5e-5"}
+    assert composed("+sweep=lora_lr")["hydra"]["sweeper"]["params"] == {"train.lr": "1e-4,2e-4,5e-4"}
+    launcher = composed("hydra/launcher=slurm", "launch.partition=p1", "launch.time=1-02:00:00",
+                        "launch.nproc_per_node=2", "launch.gpus_per_node=2", "launch.nnodes=3")["hydra"]["launcher"]
+    assert {k: launcher[k] for k in ("partition", "timeout_min", "tasks_per_node", "gpus_per_node", "nodes")} == \
+        {"partition": "p1", "timeout_min": 26 * 60, "tasks_per_node": 2, "gpus_per_node": 2, "nodes": 3}
+    assert launcher["_target_"].endswith("SlurmLauncher")
 
 
 def test_defaults():

@@ -1,0 +1,48 @@
+"""A stop signal that reaches only one rank stops every rank after the same step: the ranks agree through
+the step's all-reduce, checkpoint together and exit cleanly, and the same command then resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import FAST, REPO, read_metrics, train_torchrun
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """``{rank: pid}`` of torchrun's workers, read from their environment."""
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split():
+        env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = int(pid)
+    return ranks
+
+
+def test_signal_on_one_rank_stops_all_after_the_same_step(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FAST, "train.max_steps=200", f"output_dir={run_dir}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "log.txt"  # a file, not a pipe: nobody reads a pipe while the run trains
+    with log.open("w") as out_file:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node", "2", "-m", "sftdist.train", *args], cwd=REPO, env=env,
+                                    stdout=out_file, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2):
+            assert launcher.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        os.kill(worker_pids(launcher)[1], signal.SIGUSR1)  # rank 1 only; rank 0 writes the checkpoint
+        launcher.wait(timeout=300)
+    out = log.read_text()
+    assert launcher.returncode == 0, out[-4000:]
+    assert "received SIGUSR1" in out and "stopping early (SIGUSR1 received)" in out
+    step = read_metrics(run_dir)[-1]["step"]
+    assert 2 <= step < 200 and f"stopped after step {step} of 200" in out
+    checkpoint = run_dir / "checkpoints" / f"step-{step}"
+    assert sorted(p.name for p in checkpoint.glob("rng_state_rank*.pt")) == ["rng_state_rank0.pt",
+                                                                              "rng_state_rank1.pt"]
+    assert "requeued" not in out  # outside SLURM nothing is requeued
+    proc = train_torchrun(2, [*FAST, "train.max_steps=200", "train.stop_after_steps=1", f"output_dir={run_dir}"])
+    assert f"after step {step}" in proc.stdout and read_metrics(run_dir)[-1]["step"] == step + 1

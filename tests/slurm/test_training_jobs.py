@@ -1,0 +1,114 @@
+"""sftdist on a real SLURM: ``sftdist-launch launch=slurm`` jobs (2 ranks on one node, and 1 rank on each of
+two emulated nodes), a job preempted by SIGUSR1 that checkpoints, requeues itself and resumes exactly, the
+data stage as its own job, and a learning-rate sweep through the submitit launcher with its report."""
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import FAST, REPO, read_metrics
+
+STEPS = [*FAST, "train.max_steps=24", "train.lr=1e-2", "launch=slurm", "launch.gpus_per_node=0",
+         "launch.time=00:15:00"]
+
+
+def launch(cluster, args, *, wait=True, env=None):
+    cmd = [cluster.python, "-m", "sftdist.launch", *(["--wait"] if wait else []), *args]
+    return subprocess.run(cmd, cwd=REPO, env={**cluster.env, **(env or {})}, capture_output=True, text=True,
+                          timeout=900)
+
+
+def job_log(run_dir, prefix="slurm-"):
+    logs = sorted(p for p in run_dir.glob(f"{prefix}*.out") if "prepare" not in p.name or "prepare" in prefix)
+    return "".join(p.read_text() for p in logs)
+
+
+@pytest.fixture(scope="module")
+def two_ranks_one_node(slurm_cluster, tmp_path_factory):
+    """A 2-rank job on one node, with a hostile run_name: the reference for the other jobs."""
+    run_dir = tmp_path_factory.mktemp("slurm") / "one-node"
+    marker = run_dir.parent / "pwned"
+    hostile = f"""run_name='x"; touch {marker}; "'"""
+    proc = launch(slurm_cluster, [*STEPS, "launch.nproc_per_node=2", hostile, f"output_dir={run_dir}"])
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{job_log(run_dir)}"
+    assert not marker.exists()
+    return run_dir
+
+
+def test_launch_slurm_wait_trains_two_ranks(two_ranks_one_node):
+    run_dir = two_ranks_one_node
+    assert (run_dir / "final" / "model.safetensors").exists() and (run_dir / "job.sbatch").exists()
+    log = job_log(run_dir)
+    assert "2 process(es)" in log and "final model:" in log
+    assert 'run_name: x"; touch' in (run_dir / "config.yaml").read_text()  # arrived verbatim, never executed
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 25))
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, two_ranks_one_node, tmp_path):
+    run_dir = tmp_path / "preempted"
+    proc = launch(slurm_cluster, [*STEPS, "launch.nproc_per_node=2", f"output_dir={run_dir}"], wait=False)
+    assert proc.returncode == 0, proc.stderr
+    job = int(re.search(r"submitted training job (\d+)", proc.stdout).group(1))
+    deadline = time.time() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2):
+        assert time.time() < deadline and slurm_cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            job_log(run_dir)
+        time.sleep(0.2)
+    slurm_cluster.scancel(job, "--signal=USR1")  # what --signal=USR1@S sends before the time limit
+    while not (run_dir / "final").exists():
+        assert time.time() < deadline, job_log(run_dir)
+        time.sleep(0.5)
+    assert slurm_cluster.wait(job, timeout=120) == "COMPLETED"
+    log = job_log(run_dir)
+    assert "received SIGUSR1" in log and "requeued SLURM job" in log and "resumed from" in log
+    stopped = int(re.search(r"stopped after step (\d+) of 24", log).group(1))
+    assert 2 <= stopped < 24
+    got, want = read_metrics(run_dir), read_metrics(two_ranks_one_node)
+    assert [r["step"] for r in got] == list(range(1, 25))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]  # bit for bit across the requeue
+
+
+def test_prepare_first_runs_the_data_stage_as_its_own_job(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "prepared"
+    proc = launch(slurm_cluster, [*STEPS, "train.max_steps=2", "launch.nproc_per_node=2",
+                                  "launch.prepare_first=true", f"output_dir={run_dir}"],
+                  env={"SFTDIST_CACHE": str(tmp_path / "cache")})  # nothing tokenised yet
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{job_log(run_dir)}"
+    assert "submitted data preparation job" in proc.stdout
+    prepare_log, train_log = job_log(run_dir, "slurm-prepare-"), job_log(run_dir)
+    assert "tokenising demo_chat" in prepare_log and "data stage done" in prepare_log
+    # Training found the cache the data job wrote: it waited for it (afterok) and tokenised nothing.
+    assert "tokenising" not in train_log and (run_dir / "final").exists()
+
+
+def test_lr_sweep_through_submitit_and_its_report(slurm_cluster, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [slurm_cluster.python, "-m", "sftdist.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
+         *FAST, "train.max_steps=4", "train.eval_every=2", "launch.nproc_per_node=2", "launch.time=00:10:00",
+         "train.lr=1e-3,1e-2,3e-2"], cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    points = sorted(p.name for p in sweep.iterdir() if (p / "final").exists())
+    assert points == ["0", "1", "2"]
+    for point in points:
+        config = (sweep / point / "config.yaml").read_text()
+        assert f"wandb_group: {sweep.name}" in config and "run_name: " in config
+        assert len({json.loads(line)["step"] for line in (sweep / point / "metrics.jsonl").open()}) == 4
+    report = subprocess.run([slurm_cluster.python, "-m", "sftdist.sweep_report", str(sweep)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    finals = {p: read_metrics(sweep / p)[-1]["eval_loss"] for p in points}
+    best = min(finals, key=finals.get)
+    assert re.search(rf"best.*\b{best}\b", report.stdout, re.IGNORECASE), report.stdout
+    assert (sweep / "sweep_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_emulated_nodes_match_one_node(two_ranks_one_node, slurm_two_nodes, tmp_path):
+    run_dir = tmp_path / "two-nodes"
+    proc = launch(slurm_two_nodes, [*STEPS, "launch.nnodes=2", "launch.nproc_per_node=1", f"output_dir={run_dir}"])
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{job_log(run_dir)}"
+    got, want = read_metrics(run_dir), read_metrics(two_ranks_one_node)
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]  # same ranks, same math: bit for bit
