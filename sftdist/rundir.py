@@ -54,7 +54,10 @@ def clean_partial_saves(run_dir: Path) -> list[Path]:
         return []
     partial = [*(run_dir / CHECKPOINTS).glob("*.tmp"), *run_dir.glob("final.tmp")]
     for path in partial:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     return partial
 
 

@@ -13,7 +13,7 @@ import pytest
 from sftdist.config import ConfigError, LaunchConfig
 from sftdist.launch import launcher_command
 from sftdist.parallel import slurm_rank_env
-from tests.conftest import REPO, run_cmd
+from tests.conftest import run_cmd
 
 HOSTILE = 'x"; touch {marker}; "'
 
@@ -111,4 +111,3 @@ def test_prepare_first_writes_a_cpu_job(tmp_path):
 def test_slurm_wait_is_refused_elsewhere():
     proc = run_cmd([sys.executable, "-m", "sftdist.launch", "--wait"], check=False)
     assert proc.returncode != 0 and "--wait is for launch=slurm" in proc.stderr
-    assert REPO.is_dir()
