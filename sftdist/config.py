@@ -187,6 +187,8 @@ class TrainConfig:
     micro_batch_size: int = 1  # sequences per forward/backward on one rank
     global_batch_size: int = 8  # sequences per optimizer step over all ranks
     max_length: int = 2048  # tokens per sequence (per packed row with data.packing)
+    lm_head: str = "supervised"  # supervised (LM head + loss only at supervised positions) | full (all logits)
+    loss_chunk_tokens: int = 8192  # supervised rows per LM-head/loss chunk; more chunks are recomputed in backward
     eval_every: int = 0  # optimizer steps between eval passes (0 = only after the last step)
     seed: int = 42
     save_every: int = 0  # optimizer steps between checkpoints (0 = none; a final one is saved on stop_at_step)
@@ -200,6 +202,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.schedule", self.schedule, SCHEDULES)
+        _check_choice("train.lm_head", self.lm_head, ("supervised", "full"))
+        _check_positive("train.loss_chunk_tokens", self.loss_chunk_tokens)
         _check_positive("train.lr", self.lr)
         _check_positive("train.micro_batch_size", self.micro_batch_size)
         _check_positive("train.global_batch_size", self.global_batch_size)

@@ -26,7 +26,8 @@ from sftdist.data import (IGNORE_INDEX, DataError, TrainData, build_datasets, bu
 from sftdist.data.collate import collate, collate_packed
 from sftdist.data.loader import SampleSchedule
 from sftdist.logging import MetricsLogger, log
-from sftdist.loss import backward_scale, per_source_sums, supervised_token_losses
+from sftdist.forward import LossHead, check_supervised_head
+from sftdist.loss import backward_scale, per_source_sums
 from sftdist.model import build_model, load_tokenizer
 from sftdist.optim import lr_multiplier, param_groups, warmup_steps
 from sftdist.parallel import (all_reduce_sum, barrier, broadcast_from_main, build_ds_config, device, has_gpu,
@@ -60,26 +61,6 @@ def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: 
     return collate_packed(rows, pad_id) if packed else collate([r[0] for r in rows], pad_id)
 
 
-def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a collated batch (``model``: the DeepSpeed engine, or a bare HF model).
-
-    ``use_cache=False`` is passed whatever the model's config says: transformers detects packed rows from
-    the restarting position ids only when no cache is made, and with a cache attention would cross samples.
-    Packed batches carry no attention_mask: transformers builds block-diagonal masks from those position
-    ids (sdpa/eager). Flash attention reads sample boundaries from position ids only for a batch of one row,
-    so packed rows are flattened into one row there and the logits reshaped back.
-    """
-    if "attention_mask" in batch:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], use_cache=False).logits
-    rows, width = batch["input_ids"].shape
-    if getattr(model, "module", model).config._attn_implementation.startswith("flash"):
-        logits = model(input_ids=batch["input_ids"].view(1, -1), position_ids=batch["position_ids"].view(1, -1),
-                       use_cache=False).logits
-        return logits.view(rows, width, -1)
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-
-
 def per_source_metrics(prefix: str, names: list[str], sums: list[float]) -> dict[str, float]:
     """``{loss/<name>: ..., supervised_tokens/<name>: ...}`` (``eval_`` versions for prefix ``eval_loss``)
     from a ``per_source_sums`` vector summed over ranks."""
@@ -91,7 +72,7 @@ def per_source_metrics(prefix: str, names: list[str], sums: list[float]) -> dict
     return out
 
 
-def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int) -> dict[str, float]:
+def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int, head: LossHead) -> dict[str, float]:
     """Token-weighted loss on every source's eval split, overall and per source.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively), padding
@@ -111,7 +92,7 @@ def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int) -> 
             batch = make_batch(data, [[c or samples[0]] for c in chunk], pad_id, packed=False, split="eval")
             batch["targets"][[i for i, c in enumerate(chunk) if c is None]] = IGNORE_INDEX
             batch = {k: v.to(dev) for k, v in batch.items()}
-            losses, mask = supervised_token_losses(forward_logits(engine, batch), batch["targets"])
+            losses, mask = head.losses(engine, batch)
             sums += per_source_sums(losses, batch["token_source"][mask], num)
     engine.train()
     totals = all_reduce_sum(sums.tolist())
@@ -130,7 +111,7 @@ class Saving:
 
 
 def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step: int, max_steps: int,
-               micro_batch_size: int, pad_id: int, packed: bool, metrics: MetricsLogger, log_every: int,
+               micro_batch_size: int, pad_id: int, packed: bool, head: LossHead, metrics: MetricsLogger, log_every: int,
                eval_every: int, saving: Saving, stop: StopRule) -> LoopResult:
     """Run optimizer steps ``start_step`` .. ``max_steps - 1``, or stop early with a checkpoint by ``stop``.
 
@@ -154,7 +135,8 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
                          for mb in schedule.micro_batches(step, rank_, world, micro_batch_size)]
         local_supervised = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches)
         local_tokens = sum(int((b["token_source"] >= 0).sum()) for b in micro_batches)
-        global_supervised, global_tokens = all_reduce_sum([local_supervised, local_tokens])
+        local_slots = sum(b["input_ids"].numel() for b in micro_batches)  # tokens + padding
+        global_supervised, global_tokens, global_slots = all_reduce_sum([local_supervised, local_tokens, local_slots])
         scale = backward_scale(int(global_supervised), grad_accum, world)
         lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler advances inside step()
 
@@ -162,7 +144,7 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
         for batch in micro_batches:
             batch = {k: v.to(dev) for k, v in batch.items()}
             # 2. forward; 3. per-token losses of the supervised positions
-            token_losses, mask = supervised_token_losses(forward_logits(engine, batch), batch["targets"])
+            token_losses, mask = head.losses(engine, batch)
             # 4. backward, scaled to a per-supervised-token mean over the whole step
             engine.backward(token_losses.sum() * scale)
             if stage0 and engine.is_gradient_accumulation_boundary():
@@ -186,10 +168,11 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens": int(global_tokens), "supervised_tokens": int(global_supervised),
                "tokens_per_sec": global_tokens / max(time.time() - step_start, 1e-9), "elapsed_s": elapsed,
+               "padding_fraction": 1 - global_tokens / max(global_slots, 1),
                **per_source_metrics("loss", data.names, totals)}
         last = step + 1 == max_steps
         if has_eval and ((eval_every and (step + 1) % eval_every == 0) or last):
-            row |= evaluate(engine, data, micro_batch_size=micro_batch_size, pad_id=pad_id)
+            row |= evaluate(engine, data, micro_batch_size=micro_batch_size, pad_id=pad_id, head=head)
         metrics.write(row)
         if (step + 1) % log_every == 0 or last:
             log(f"step {step + 1}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm):.3f}"
@@ -239,6 +222,28 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
         lambda s: lr_multiplier(s, max_steps=max_steps, warmup=warmup, schedule=t.schedule,
                                 min_lr_ratio=t.min_lr_ratio))
     return engine, model
+
+
+def choose_head(engine, data: TrainData, schedule: SampleSchedule, *, mode: str, chunk_tokens: int,
+                step: int, micro_batch_size: int, pad_id: int, packed: bool) -> LossHead:
+    """``train.lm_head``, unless the supervised head disagrees with the model's own logits on this rank's
+    first micro-batch on any rank: then ``full``, with a warning saying why.
+
+    The check runs in eval mode on a forked RNG, so dropout masks (and exact resume) are untouched.
+    """
+    if mode != "supervised":
+        return LossHead(mode, chunk_tokens)
+    first = schedule.micro_batches(step, rank(), world_size(), micro_batch_size)[0]
+    batch = {k: v.to(device()) for k, v in make_batch(data, first, pad_id, packed=packed).items()}
+    engine.eval()
+    with torch.random.fork_rng(devices=[]):
+        problem = check_supervised_head(engine, batch)
+    engine.train()
+    if all_reduce_sum([float(problem is not None)])[0] == 0:
+        return LossHead(mode, chunk_tokens)
+    log(f"warning: train.lm_head=supervised does not fit this model ({problem or 'on another rank'}); "
+        f"computing all logits (train.lm_head=full)")
+    return LossHead("full", chunk_tokens)
 
 
 def check_same_run(checkpoint: Path, now: dict, *, allow: bool) -> None:
@@ -311,12 +316,15 @@ def run(cfg: SFTConfig) -> Path:
     log(f"{world} process(es), ZeRO-{cfg.parallelism.zero_stage}, {precision}, "
         f"grad accumulation {grad_accum_steps(t, world)}, {max_steps} steps; {trainable_summary(model)}")
 
+    head = choose_head(engine, data, schedule, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
+                       step=start_step, micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id,
+                       packed=cfg.data.packing) if start_step < max_steps else LossHead(t.lm_head)
     install_stop_handlers()  # from here on a stop signal means: finish the step, checkpoint, exit
     metrics = MetricsLogger(run_dir, cfg.logging, cfg.run_name or run_dir.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)))
     result = train_loop(engine, data, schedule, start_step=start_step, max_steps=max_steps,
                         micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
-                        metrics=metrics, log_every=cfg.logging.log_every, eval_every=t.eval_every,
+                        head=head, metrics=metrics, log_every=cfg.logging.log_every, eval_every=t.eval_every,
                         saving=Saving(run_dir, t.save_every, t.keep_last, {**settings, **kept}),
                         stop=StopRule.from_config(t, started))
     log(f"ran {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "

@@ -109,3 +109,26 @@ def test_stages_agree_with_zero2(trained_runs, stage, initial_weights, initial_d
 def test_grad_norm_is_logged(trained_runs, stage, initial_dir):
     run_dir = stage_runs(trained_runs, stage, initial_dir)["torchrun2_ga2"]
     assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in read_metrics(run_dir))
+
+
+@pytest.mark.parametrize("stage, head", [(3, "train.lm_head=full"), (3, "train.loss_chunk_tokens=16"),
+                                         (2, "train.loss_chunk_tokens=16")], ids=["zero3-full", "zero3-chunked",
+                                                                                  "zero2-chunked"])
+def test_lm_head_modes_agree(trained_runs, stage, head, initial_weights, initial_dir):
+    """On 2 ranks, the supervised head (default) vs all logits, and vs chunks of 16 supervised positions
+    whose logits are recomputed in backward (ZeRO-2). Under ZeRO-3 the head's weight is a partition that
+    each head call gathers, so there a micro-batch goes through the head in one call whatever the chunk
+    size: ranks whose chunk counts differ would otherwise hang in the gather."""
+    ref_dir = stage_runs(trained_runs, stage, initial_dir)["torchrun2_ga2"]
+    extra = [f"model.name_or_path={initial_dir}", "model.from_config=null"] if stage == 3 else []
+    got_dir = trained_runs(f"torchrun2_ga2_zero{stage}_{head.split('=')[0][6:]}", 2,
+                           [f"parallelism=zero{stage}", *extra, head])
+    assert "does not fit this model" not in (got_dir / "stdout.txt").read_text()
+    ref, got = read_metrics(ref_dir), read_metrics(got_dir)
+    assert [r["supervised_tokens"] for r in got] == [r["supervised_tokens"] for r in ref]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
+    assert [r["eval_loss"] for r in got if "eval_loss" in r] == pytest.approx(
+        [r["eval_loss"] for r in ref if "eval_loss" in r], rel=1e-5)
+    assert_weights_close(load_file(got_dir / "final" / "model.safetensors"),
+                         load_file(ref_dir / "final" / "model.safetensors"), initial_weights, tol=2e-4,
+                         what=head)

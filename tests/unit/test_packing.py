@@ -227,7 +227,7 @@ class EngineLike:
 def test_training_forward_isolates_packed_samples_whatever_the_model_config(demo_tokenizer):
     """The training forward passes use_cache=False itself: a model whose config says use_cache=True (a
     checkpoint's config.json, a custom builder) would otherwise attend across the packed samples."""
-    from sftdist.train import forward_logits
+    from sftdist.forward import forward_logits
 
     examples = real_examples(demo_tokenizer, 8)
     bins, rows = packed_rows(examples)
