@@ -5,7 +5,9 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sftdist-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
+
+BENCH_VENV := bench/.venv-trl
 
 # torch goes in first: on a host without a GPU the pinned CPU build (torch==2.13.0), so that nothing
 # later pulls the multi-GB CUDA build; where nvidia-smi sees a GPU, the normal CUDA build.
@@ -24,6 +26,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# make bench: sftdist vs TRL SFTTrainer, interleaved, on this machine (needs ../shared); TRL lives in its
+# own venv so that .venv stays as `make setup` builds it. ARGS go to the script (see bench/README.md).
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	if nvidia-smi -L >/dev/null 2>&1; then $(BENCH_VENV)/bin/python -m pip install -q torch; \
+	else $(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0; fi
+	$(BENCH_VENV)/bin/python -m pip install -q trl -e .
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/train_vs_trl.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
