@@ -51,6 +51,7 @@ CASES = {  # name: (framework, packing, extra)
     "sftdist packing, LoRA": ("sftdist", True, {"lora": True}),
     "sftdist packing, 2 ranks ZeRO-2": ("sftdist", True, {"ranks": 2}),
     "sftdist packing, lm_head=full": ("sftdist", True, {"overrides": ["train.lm_head=full"]}),
+    "sftdist packing, ZeRO-0": ("sftdist", True, {"overrides": ["parallelism=zero0"]}),
 }
 HEADLINE = 4  # the first four cases run on every preset, the others on the first preset only
 MAX_LENGTH, MICRO_BATCH, LR, SEED = 512, 8, 1e-4, 0
@@ -110,7 +111,7 @@ def sftdist_worker(case: dict, work: Path) -> dict:
         f"model.tokenizer={TOKENIZER}", "model.from_config=" + json.dumps(cfg_model).replace('"', ""),
         "data.sources=[{name:alpaca,path:'" + str(DATA) + "',format:alpaca}]", f"data.packing={case['packing']}",
         f"data.cache_dir={work / 'cache'}", "data.audit_samples=0", "data.num_proc=1",
-        f"train.max_steps={case['steps']}", f"train.micro_batch_size={MICRO_BATCH}",
+        f"train.max_steps={case['steps']}", f"train.micro_batch_size={MICRO_BATCH // case.get('ranks', 1)}",
         f"train.global_batch_size={MICRO_BATCH}", f"train.max_length={MAX_LENGTH}", f"train.lr={LR}",
         "train.warmup_steps=0", "train.schedule=constant", f"train.seed={SEED}", "train.eval_every=0",
         "parallelism.precision=fp32", f"output_dir={work / 'run'}", "logging.log_every=100",
@@ -213,7 +214,8 @@ def run_case(name: str, preset: str, steps: int) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case), "--work", tmp],
                               capture_output=True, text=True)
     if proc.returncode:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300]}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1])[:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sftdist.data.tokenize import IGNORE_INDEX
-from sftdist.loss import supervised_token_losses
+from sftdist.loss import supervised_token_losses, token_cross_entropy
 
 HEAD_MODES = ("supervised", "full")
 
@@ -96,7 +96,11 @@ def _partitioned(model) -> bool:
 
 
 def _chunk_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head_logits(model, hidden), targets, reduction="none")
+    logits = head_logits(model, hidden)
+    if logits.requires_grad and logits._base is None and logits.grad_fn is not None:
+        # head_logits made a fresh fp32 tensor that nothing else holds: backward may reuse its storage.
+        return token_cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def supervised_losses(model, batch: dict[str, torch.Tensor], *, lm_head: str = "supervised",

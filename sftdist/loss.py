@@ -30,6 +30,43 @@ def supervised_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tupl
     return F.cross_entropy(logits[mask].float(), targets[mask], reduction="none"), mask
 
 
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of rows of logits, with a backward that reuses the logits' own storage.
+
+    ``F.cross_entropy`` keeps a ``[N, V]`` log-softmax for backward and builds its gradient from a zero-filled
+    ``[N, V]`` one-hot scatter: three full passes over memory beyond the logits. Here forward keeps only the
+    logits and the per-row log-sum-exp, and backward turns the logits into ``softmax - onehot`` in place.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, lse, targets)
+        return lse - logits.gather(1, targets[:, None]).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, lse, targets = ctx.saved_tensors
+        # The logits were made for this loss alone (see token_cross_entropy), so their storage is free now.
+        grad = logits.sub_(lse[:, None]).exp_()
+        grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+        return grad.mul_(grad_out[:, None]), None
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy ``logsumexp(logits) - logits[target]``, equal to
+    ``F.cross_entropy(logits, targets, reduction="none")`` in value and gradient.
+
+    ``logits`` must be fp32 and used by nothing else: backward overwrites them with their gradient.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [2.0, 0.0]], requires_grad=True)
+        >>> [round(v, 4) for v in token_cross_entropy(x * 1, torch.tensor([0, 1])).tolist()]
+        [0.6931, 2.1269]
+    """
+    return _TokenCrossEntropy.apply(logits, targets)
+
+
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over supervised positions and their count.
 
