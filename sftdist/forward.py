@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sftdist import attention
 from sftdist.data.tokenize import IGNORE_INDEX
 from sftdist.loss import supervised_token_losses, token_cross_entropy
 
@@ -46,6 +47,9 @@ def _call(model, batch: dict[str, torch.Tensor], **extra):
     so packed rows are flattened into one row there (the caller reshapes back).
     """
     shape = tuple(batch["input_ids"].shape)
+    if _bare(model).config._attn_implementation == attention.NAME:
+        # One host read of the position ids per forward; every layer reuses the spans.
+        extra["document_spans"] = attention.document_spans(batch["position_ids"].tolist())
     if "attention_mask" in batch:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      position_ids=batch["position_ids"], use_cache=False, **extra), shape

@@ -17,6 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sftdist import attention
 from sftdist.build_locks import clear_stale_build_locks
 from sftdist.checkpoint import (checkpoint_step, load_checkpoint, needs_universal, save_checkpoint, save_final,
                                 saved_state, saved_world_size, universal_checkpoint)
@@ -215,6 +216,9 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
     model = build_model(cfg.model, tokenizer, precision=precision, seed=t.seed,
                         activation_checkpointing=cfg.parallelism.activation_checkpointing,
                         quantize_4bit=cfg.peft.method == "qlora")
+    if cfg.model.attn_implementation == "sdpa" and attention.fits(model.config, t.max_length):
+        attention.register()  # packed documents attend within themselves without a dense mask
+        model.set_attn_implementation(attention.NAME)
     model = apply_peft(model, cfg.peft)
     warmup = warmup_steps(t, max_steps)
     engine = wrap_with_deepspeed(

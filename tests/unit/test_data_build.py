@@ -189,3 +189,24 @@ def test_mask_audit_names_the_template_and_rule(tmp_path, demo_tokenizer, monkey
                                         r"rule end_of_turn_trained: token \d+ '<\|im_end\|>' is not supervised "
                                         r"\[ChatML/Qwen template"):
         build(data_cfg(tmp_path, DataSource(name="c", path=path)), demo_tokenizer)
+
+
+def test_the_tokenizer_is_never_hashed_for_a_datasets_fingerprint(tmp_path, demo_tokenizer, monkeypatch):
+    """sftdist keys its own cache; letting datasets pickle and hash the tokenizer for each map's fingerprint
+    cost more than tokenising 1,000 alpaca records."""
+    from datasets.fingerprint import Hasher
+    from transformers import PreTrainedTokenizerBase
+
+    hashed = []
+    original = Hasher.hash.__func__
+
+    def watching(cls, value):
+        values = value.values() if isinstance(value, dict) else [value]
+        hashed.extend(v for v in values if isinstance(v, PreTrainedTokenizerBase))
+        return original(cls, value)
+
+    monkeypatch.setattr(Hasher, "hash", classmethod(watching))
+    path = write_jsonl(tmp_path / "a.jsonl", [GOOD] * 20)
+    prepare_all(data_cfg(tmp_path, DataSource(name="a", path=path), num_proc=1), demo_tokenizer, max_length=64,
+                seed=0)
+    assert hashed == []
