@@ -294,8 +294,9 @@ def write_results(section: str) -> None:
     if begin in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        head, sep, rest = text.partition("\n\n")
-        text = f"{head}{sep}{block}\n\n{rest}"
+        title, sep, rest = text.partition("\n\n")  # after the title and the intro paragraph
+        intro, sep2, rest = rest.partition("\n\n")
+        text = f"{title}{sep}{intro}{sep2}{block}\n\n{rest}"
     path.write_text(text)
 
 
