@@ -5,9 +5,9 @@ sdpa computes every block of it, also the cross-document ones it then throws awa
 its causal fast path either. Under ``sdpa_by_document`` the same row is cut at its position-id restarts and
 each piece goes through ``scaled_dot_product_attention(is_causal=True)`` without a mask: the same result
 (each token attends to the earlier tokens of its own document), for the work of ``sum(T_i^2) / 2``
-instead of ``T^2``. ``build_model`` switches plain-causal models (``CAUSAL_MODEL_TYPES``, no sliding window
-shorter than the sequence, no attention soft-capping) from ``sdpa`` to it; any call it does not cover (no
-document spans, a KV cache) falls through to transformers' own sdpa.
+instead of ``T^2``. ``train.build_engine`` switches plain-causal models (``CAUSAL_MODEL_TYPES``, no sliding
+window shorter than the sequence, no attention soft-capping) from ``sdpa`` to it; any call it does not cover
+(no document spans, a KV cache) falls through to transformers' own sdpa.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def sdpa_by_document(module, query, key, value, attention_mask, dropout: float =
     if document_spans is None or query.shape[2] != key.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     rows = []

@@ -28,8 +28,6 @@ from sftdist import attention
 from sftdist.data.tokenize import IGNORE_INDEX
 from sftdist.loss import supervised_token_losses, token_cross_entropy
 
-HEAD_MODES = ("supervised", "full")
-
 
 def _bare(model):
     """The Hugging Face model under a DeepSpeed engine and/or a PEFT wrapper."""
@@ -43,8 +41,9 @@ def _call(model, batch: dict[str, torch.Tensor], **extra):
     ``use_cache=False`` is passed whatever the model's config says: transformers detects packed rows from
     the restarting position ids only when no cache is made, and with a cache attention would cross samples.
     Packed batches carry no attention_mask: transformers builds block-diagonal masks from those position
-    ids (sdpa/eager). Flash attention reads sample boundaries from position ids only for a batch of one row,
-    so packed rows are flattened into one row there (the caller reshapes back).
+    ids (sdpa/eager), and under ``attention.NAME`` the document spans go along instead. Flash attention
+    reads sample boundaries from position ids only for a batch of one row, so packed rows are flattened into
+    one row there (the caller reshapes back).
     """
     shape = tuple(batch["input_ids"].shape)
     if _bare(model).config._attn_implementation == attention.NAME:
@@ -56,7 +55,8 @@ def _call(model, batch: dict[str, torch.Tensor], **extra):
     if _bare(model).config._attn_implementation.startswith("flash"):
         return model(input_ids=batch["input_ids"].view(1, -1), position_ids=batch["position_ids"].view(1, -1),
                      use_cache=False, **extra), shape
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra), shape
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
+    return out, shape
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -112,8 +112,8 @@ class Saving:
 
 
 def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step: int, max_steps: int,
-               micro_batch_size: int, pad_id: int, packed: bool, head: LossHead, metrics: MetricsLogger, log_every: int,
-               eval_every: int, saving: Saving, stop: StopRule) -> LoopResult:
+               micro_batch_size: int, pad_id: int, packed: bool, head: LossHead, metrics: MetricsLogger,
+               log_every: int, eval_every: int, saving: Saving, stop: StopRule) -> LoopResult:
     """Run optimizer steps ``start_step`` .. ``max_steps - 1``, or stop early with a checkpoint by ``stop``.
 
     Each step: fetch this rank's micro-batches, count the supervised tokens of the whole step over all
@@ -137,7 +137,8 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
         local_supervised = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches)
         local_tokens = sum(int((b["token_source"] >= 0).sum()) for b in micro_batches)
         local_slots = sum(b["input_ids"].numel() for b in micro_batches)  # tokens + padding
-        global_supervised, global_tokens, global_slots = all_reduce_sum([local_supervised, local_tokens, local_slots])
+        global_supervised, global_tokens, global_slots = all_reduce_sum(
+            [local_supervised, local_tokens, local_slots])
         scale = backward_scale(int(global_supervised), grad_accum, world)
         lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler advances inside step()
 
