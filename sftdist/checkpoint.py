@@ -68,10 +68,13 @@ def has_frozen_parameters(engine) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_settings: dict) -> Path:
+def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_settings: dict,
+                    eval_state: Optional[dict] = None, protect_step: Optional[int] = None) -> Path:
     """Save a complete checkpoint after optimizer step ``step`` (every rank must call this), then prune.
 
-    Pruning keeps the ``keep_last`` newest checkpoints up to ``step``, always including this one.
+    Pruning keeps the ``keep_last`` newest checkpoints up to ``step``, always including this one, and never
+    removes ``protect_step`` (the best eval step, which early stopping may export). ``eval_state`` (the
+    step-0 eval baseline and early-stopping state) is stored in ``trainer_state.json``.
 
     Returns:
         The checkpoint directory.
@@ -88,7 +91,7 @@ def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_set
     barrier()  # every rank's shards and RNG state are on disk
     if is_main():
         state = {"step": step, "world_size": world_size(), "zero_stage": engine.zero_optimization_stage(),
-                 "run": run_settings}
+                 "run": run_settings, "eval": eval_state or {}}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         final = root / tag
         shutil.rmtree(final, ignore_errors=True)
@@ -96,8 +99,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_set
         pointer = root / "latest.tmp"
         pointer.write_text(tag + "\n")
         os.replace(pointer, root / "latest")  # atomic: `latest` always names a complete checkpoint
-        older = sorted((p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and step_of(p) < step),
-                       key=step_of)
+        older = sorted((p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and step_of(p) < step
+                        and step_of(p) != protect_step), key=step_of)
         for old in older[:max(len(older) - (keep_last - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)

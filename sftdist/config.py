@@ -13,6 +13,10 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+# ConfigError, LaunchConfig and slurm_minutes are imported from here by callers (re-exported).
+from sftdist.config_checks import ConfigError, check_choice, check_positive  # noqa: F401
+from sftdist.launch_config import LaunchConfig, slurm_minutes  # noqa: F401
+
 TRAIN_ON = ("assistant", "last", "all")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 MIX_BY = ("samples", "tokens")
@@ -21,22 +25,8 @@ ON_BAD_RECORD = ("error", "skip")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
-LAUNCHERS = ("torchrun", "deepspeed", "slurm")
+PROGRESS = ("auto", "bar", "lines")
 PEFT_METHODS = ("none", "lora", "qlora")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the offending key."""
-
-
-def _check_choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
-
-
-def _check_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass
@@ -75,10 +65,16 @@ class DataSource:
     revision: Optional[str] = None  # hub datasets: branch, tag or commit
     eval_fraction: float = 0.0  # hold out this fraction of records (chosen by train.seed) for eval
     eval_path: Optional[str] = None  # or evaluate on this separate file
+    # generic (replay) data: its eval_loss_delta/<name> is the forgetting curve; None = true for format text
+    generic: Optional[bool] = None
+
+    @property
+    def is_generic(self) -> bool:
+        return self.format == "text" if self.generic is None else self.generic
 
     def __post_init__(self) -> None:
-        _check_choice(f"data.sources[{self.name}].format", self.format, FORMATS)
-        _check_positive(f"data.sources[{self.name}].weight", self.weight, allow_zero=True)
+        check_choice(f"data.sources[{self.name}].format", self.format, FORMATS)
+        check_positive(f"data.sources[{self.name}].weight", self.weight, allow_zero=True)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.sources[{self.name}].eval_fraction={self.eval_fraction} must be in [0, 1)")
         if self.eval_fraction and self.eval_path:
@@ -100,12 +96,12 @@ class DataConfig:
     cache_dir: Optional[str] = None  # tokenised-data cache; default $SFTDIST_CACHE/data
 
     def __post_init__(self) -> None:
-        _check_choice("data.train_on", self.train_on, TRAIN_ON)
-        _check_choice("data.mix_by", self.mix_by, MIX_BY)
-        _check_choice("data.truncation", self.truncation, TRUNCATION)
-        _check_choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
-        _check_positive("data.audit_samples", self.audit_samples, allow_zero=True)
-        _check_positive("data.num_proc", self.num_proc, allow_zero=True)
+        check_choice("data.train_on", self.train_on, TRAIN_ON)
+        check_choice("data.mix_by", self.mix_by, MIX_BY)
+        check_choice("data.truncation", self.truncation, TRUNCATION)
+        check_choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
+        check_positive("data.audit_samples", self.audit_samples, allow_zero=True)
+        check_positive("data.num_proc", self.num_proc, allow_zero=True)
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: names must be unique, got {names}")
@@ -135,16 +131,16 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallelism.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
-        _check_choice("parallelism.precision", self.precision, PRECISIONS)
+        check_choice("parallelism.precision", self.precision, PRECISIONS)
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("parallelism.offload_params needs parallelism.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("parallelism.offload_optimizer needs parallelism.zero_stage >= 1")
-        _check_choice("parallelism.grad_accum_dtype", self.grad_accum_dtype, ("auto", "fp32", "bf16"))
+        check_choice("parallelism.grad_accum_dtype", self.grad_accum_dtype, ("auto", "fp32", "bf16"))
         if self.grad_accum_dtype == "fp32" and self.zero_stage == 0:
             raise ConfigError("parallelism.grad_accum_dtype=fp32 needs parallelism.zero_stage >= 1: DeepSpeed's "
                               "ZeRO-0 engine accumulates gradients in the model dtype (use auto or bf16)")
-        _check_positive("parallelism.build_lock_stale_s", self.build_lock_stale_s)
+        check_positive("parallelism.build_lock_stale_s", self.build_lock_stale_s)
 
 
 @dataclass
@@ -162,11 +158,32 @@ class PeftConfig:
     merge_on_save: bool = False  # also write final_merged/: the base with the adapter merged in
 
     def __post_init__(self) -> None:
-        _check_choice("peft.method", self.method, PEFT_METHODS)
+        check_choice("peft.method", self.method, PEFT_METHODS)
         if self.method != "none":
-            _check_positive("peft.r", self.r)
+            check_positive("peft.r", self.r)
             if not self.target_modules:
                 raise ConfigError("peft.target_modules is empty")
+
+
+EARLY_STOPPING_SAVE = ("best", "last")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when an eval metric stops improving (``train.early_stopping``); off while ``patience`` is 0."""
+
+    metric: str = "eval_loss"  # eval_loss, eval_loss/<source> or eval_loss_delta/<source>; lower is better
+    patience: int = 0  # evals in a row without an improvement of more than min_delta before stopping; 0 = off
+    min_delta: float = 0.0  # an improvement must lower the metric by more than this
+    save: str = "best"  # final/ from the best eval step (checkpointed when it improves) | the last step
+
+    def __post_init__(self) -> None:
+        check_positive("train.early_stopping.patience", self.patience, allow_zero=True)
+        check_positive("train.early_stopping.min_delta", self.min_delta, allow_zero=True)
+        check_choice("train.early_stopping.save", self.save, EARLY_STOPPING_SAVE)
+        if not (self.metric == "eval_loss" or self.metric.startswith(("eval_loss/", "eval_loss_delta/"))):
+            raise ConfigError(f"train.early_stopping.metric={self.metric!r}: use eval_loss, eval_loss/<source> "
+                              f"or eval_loss_delta/<source>")
 
 
 @dataclass
@@ -190,6 +207,8 @@ class TrainConfig:
     lm_head: str = "supervised"  # supervised (LM head + loss only at supervised positions) | full (all logits)
     loss_chunk_tokens: int = 8192  # supervised rows per LM-head/loss chunk; more chunks are recomputed in backward
     eval_every: int = 0  # optimizer steps between eval passes (0 = only after the last step)
+    eval_at_start: bool = True  # eval before the first step: the step-0 baseline of eval_loss_delta/<source>
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     seed: int = 42
     save_every: int = 0  # optimizer steps between checkpoints (0 = none; a final one is saved on stop_at_step)
     keep_last: int = 2  # checkpoints kept; older ones are deleted once a newer one is complete
@@ -201,24 +220,24 @@ class TrainConfig:
     resume_allow_changes: bool = False  # resume even if batch, seed, length, tokenizer or data differ (logged)
 
     def __post_init__(self) -> None:
-        _check_choice("train.schedule", self.schedule, SCHEDULES)
-        _check_choice("train.lm_head", self.lm_head, ("supervised", "full"))
-        _check_positive("train.loss_chunk_tokens", self.loss_chunk_tokens)
-        _check_positive("train.lr", self.lr)
-        _check_positive("train.micro_batch_size", self.micro_batch_size)
-        _check_positive("train.global_batch_size", self.global_batch_size)
-        _check_positive("train.max_length", self.max_length)
-        _check_positive("train.eval_every", self.eval_every, allow_zero=True)
-        _check_positive("train.save_every", self.save_every, allow_zero=True)
-        _check_positive("train.keep_last", self.keep_last)
+        check_choice("train.schedule", self.schedule, SCHEDULES)
+        check_choice("train.lm_head", self.lm_head, ("supervised", "full"))
+        check_positive("train.loss_chunk_tokens", self.loss_chunk_tokens)
+        check_positive("train.lr", self.lr)
+        check_positive("train.micro_batch_size", self.micro_batch_size)
+        check_positive("train.global_batch_size", self.global_batch_size)
+        check_positive("train.max_length", self.max_length)
+        check_positive("train.eval_every", self.eval_every, allow_zero=True)
+        check_positive("train.save_every", self.save_every, allow_zero=True)
+        check_positive("train.keep_last", self.keep_last)
         for key in ("stop_at_step", "stop_after_steps", "stop_after_minutes"):
             if getattr(self, key) is not None:
-                _check_positive(f"train.{key}", getattr(self, key))
-        _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
+                check_positive(f"train.{key}", getattr(self, key))
+        check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"train.max_steps={self.max_steps} must be > 0, or -1 to use train.epochs")
         if self.max_steps == -1:
-            _check_positive("train.epochs", self.epochs)
+            check_positive("train.epochs", self.epochs)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -237,54 +256,22 @@ class LoggingConfig:
     wandb_entity: Optional[str] = None
     wandb_group: Optional[str] = None
     wandb_tags: List[str] = field(default_factory=list)
+    wandb_dir: Optional[str] = None  # where W&B writes its files; default $WANDB_DIR, else the run directory
+    wandb_legacy_names: bool = True  # also log the pre-0.2 names train/<key>, eval/<key> of the older metrics
+    progress: str = "auto"  # console: auto (a bar on a terminal, else lines) | bar | lines
+    peak_flops: Optional[float] = None  # per-device peak FLOP/s for mfu; default: known GPUs, measured on CPU
+    samples: int = 0  # greedy generations per eval pass: sample_prompts, else the first records of eval splits
+    sample_prompts: List[str] = field(default_factory=list)  # user messages to answer (chat template applied)
+    sample_max_new_tokens: int = 64
 
     def __post_init__(self) -> None:
-        _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
-        _check_positive("logging.log_every", self.log_every)
-
-
-@dataclass
-class LaunchConfig:
-    """How ``sftdist-launch`` starts the processes (group ``launch/``)."""
-
-    launcher: str = "torchrun"  # torchrun | deepspeed | slurm (write job.sbatch into output_dir and sbatch it)
-    nproc_per_node: Optional[int] = None  # None = every GPU (slurm: gpus_per_node), or 2 on a host without GPUs
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    rdzv_endpoint: Optional[str] = None  # torchrun, several nodes: host:port of the c10d rendezvous
-    hostfile: Optional[str] = None  # deepspeed: ssh fan-out to these hosts (else one launcher per node, --no_ssh)
-    # launcher=slurm: what the job asks for (see slurm/ for templates)
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    time: str = "04:00:00"  # the job's time limit
-    gpus_per_node: int = 0
-    cpus_per_task: Optional[int] = None
-    mem: Optional[str] = None  # per node, e.g. 200G (0 = all of it)
-    constraint: Optional[str] = None
-    job_name: Optional[str] = None  # default: run_name, else the output_dir's name
-    sbatch_extra: List[str] = field(default_factory=list)  # more #SBATCH options, e.g. [--exclusive]
-    setup: List[str] = field(default_factory=list)  # shell lines before training, e.g. [module load cuda]
-    signal_seconds: int = 300  # SIGUSR1 this long before the time limit: checkpoint, requeue, exit
-    requeue: bool = True  # requeue after that checkpoint (and let SLURM requeue a preempted job)
-    prepare_first: bool = False  # tokenise in a CPU job first; training waits for it (afterok)
-
-    def __post_init__(self) -> None:
-        _check_choice("launch.launcher", self.launcher, LAUNCHERS)
-        if self.nproc_per_node is not None:
-            _check_positive("launch.nproc_per_node", self.nproc_per_node)
-        _check_positive("launch.nnodes", self.nnodes)
-        _check_positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
-        _check_positive("launch.signal_seconds", self.signal_seconds, allow_zero=True)
-        for key in ("partition", "account", "qos", "time", "mem", "constraint", "job_name", "rdzv_endpoint"):
-            value = getattr(self, key)
-            if value is not None and (not str(value).strip() or any(c in str(value) for c in "\n\r\0")):
-                raise ConfigError(f"launch.{key}={value!r}: must be one non-empty line")
-        for key in ("sbatch_extra", "setup"):
-            if any(any(c in line for c in "\n\r\0") for line in getattr(self, key)):
-                raise ConfigError(f"launch.{key}: give one list item per line, without line breaks")
+        check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
+        check_positive("logging.log_every", self.log_every)
+        check_choice("logging.progress", self.progress, PROGRESS)
+        if self.peak_flops is not None:
+            check_positive("logging.peak_flops", self.peak_flops)
+        check_positive("logging.samples", self.samples, allow_zero=True)
+        check_positive("logging.sample_max_new_tokens", self.sample_max_new_tokens)
 
 
 @dataclass
@@ -335,6 +322,27 @@ def validate(cfg: SFTConfig, *, dp_world: int, has_gpu: bool) -> None:
     if not has_gpu and cfg.model.attn_implementation.startswith("flash_attention"):
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} needs a GPU; "
                           f"use sdpa or eager on CPU")
+    validate_early_stopping(t, cfg.data)
+
+
+def validate_early_stopping(t: TrainConfig, data: DataConfig) -> None:
+    """The metric must be one an eval pass produces, and there must be evals during the run to compare."""
+    early = t.early_stopping
+    if not early.patience:
+        return
+    with_eval = [s.name for s in data.sources if s.eval_fraction > 0 or s.eval_path]
+    if not with_eval:
+        raise ConfigError("train.early_stopping.patience needs eval data: give a source data.sources[].eval_fraction "
+                          "or eval_path")
+    if not t.eval_every:
+        raise ConfigError("train.early_stopping.patience needs train.eval_every > 0 (evals during the run)")
+    if early.metric.startswith("eval_loss_delta/") and not t.eval_at_start:
+        raise ConfigError(f"train.early_stopping.metric={early.metric!r} is a change since the step-0 eval: it "
+                          f"needs train.eval_at_start=true")
+    source = early.metric.partition("/")[2]
+    if source and source not in with_eval:
+        raise ConfigError(f"train.early_stopping.metric={early.metric!r}: no source named {source!r} has an eval "
+                          f"split (sources with one: {with_eval})")
 
 
 def grad_accum_steps(train: TrainConfig, dp_world: int) -> int:
@@ -357,22 +365,6 @@ def compose_config(overrides: list[str]) -> SFTConfig:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(compose_raw(overrides))
-
-
-def slurm_minutes(time: str) -> int:
-    """A SLURM time limit (``MM``, ``HH:MM:SS``, ``D-HH:MM[:SS]``) in whole minutes, for submitit's timeout_min.
-
-    Example:
-        >>> slurm_minutes("04:00:00"), slurm_minutes("1-12:30"), slurm_minutes("90")
-        (240, 2190, 90)
-    """
-    days, _, clock = str(time).rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
-        hours, minutes = parts[0], parts[1] if len(parts) > 1 else 0
-    else:  # MM, MM:SS, HH:MM:SS
-        hours, minutes = (parts[0], parts[1]) if len(parts) == 3 else (0, parts[0])
-    return int(days or 0) * 1440 + hours * 60 + minutes
 
 
 def register_configs() -> None:

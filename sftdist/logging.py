@@ -3,26 +3,63 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sftdist.config import LoggingConfig
 from sftdist.parallel import is_main
 
 _START = time.time()
+_writer: Optional[Callable[[str], None]] = None  # a progress bar's write(), while one is on screen
+
+# Keys that W&B also gets under their pre-0.2 names (train/<key>, eval/<key>), so dashboards built on those
+# keep working; logging.wandb_legacy_names=false drops them.
+LEGACY_KEYS = ("loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_sec", "elapsed_s",
+               "padding_fraction", "eval_loss")
+LEGACY_PREFIXES = ("loss/", "supervised_tokens/", "eval_loss/", "eval_supervised_tokens/")
 
 
 def log(msg: str) -> None:
     """Print one line on rank 0 (every other rank stays silent)."""
     if is_main():
-        print(f"[sftdist {time.time() - _START:7.1f}s] {msg}", file=sys.stdout, flush=True)
+        line = f"[sftdist {time.time() - _START:7.1f}s] {msg}"
+        if _writer is not None:
+            _writer(line)
+        else:
+            print(line, file=sys.stdout, flush=True)
+
+
+def set_writer(writer: Optional[Callable[[str], None]]) -> None:
+    """Send ``log()`` lines through ``writer`` (a progress bar's, which keeps the bar below them); None resets."""
+    global _writer
+    _writer = writer
 
 
 def wandb_key(key: str) -> str:
-    """W&B name of a metrics.jsonl key: ``eval_loss/x`` -> ``eval/loss/x``, ``loss/x`` -> ``train/loss/x``."""
+    """Pre-0.2 W&B name of a metrics.jsonl key: ``eval_loss/x`` -> ``eval/loss/x``, ``loss/x`` -> ``train/loss/x``."""
     return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+
+
+def wandb_row(metrics: dict[str, Any], *, legacy: bool) -> dict[str, Any]:
+    """What W&B gets for a metrics.jsonl row: every key under its own name, and with ``legacy`` the keys that
+    existed before 0.2 also under ``wandb_key``.
+
+    Example:
+        >>> wandb_row({"step": 3, "loss": 1.5, "mfu": 0.4, "loss/web": None}, legacy=True)
+        {'loss': 1.5, 'mfu': 0.4, 'train/loss': 1.5}
+    """
+    row = {k: v for k, v in metrics.items() if k != "step" and v is not None}
+    if legacy:
+        row |= {wandb_key(k): v for k, v in list(row.items()) if k in LEGACY_KEYS or k.startswith(LEGACY_PREFIXES)}
+    return row
+
+
+def wandb_dir(cfg: LoggingConfig, run_dir: Path) -> Path:
+    """Where W&B writes: ``logging.wandb_dir``, else ``$WANDB_DIR``, else the run directory."""
+    return Path(cfg.wandb_dir or os.environ.get("WANDB_DIR") or run_dir)
 
 
 class MetricsLogger:
@@ -42,13 +79,18 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict[str, Any]):
         self.enabled = is_main()
         self._file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self._samples_file = None
+        self._samples: list[dict] = []
+        self._run_dir, self._legacy = run_dir, cfg.wandb_legacy_names
         self._wandb: Optional[Any] = None
         if self.enabled and cfg.wandb_mode != "disabled":
             import wandb  # lazily: importing sftdist must not import wandb
 
+            directory = wandb_dir(cfg, run_dir)
+            directory.mkdir(parents=True, exist_ok=True)
             self._wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group,
                                      tags=list(cfg.wandb_tags), name=run_name, mode=cfg.wandb_mode,
-                                     dir=str(run_dir), config=config)
+                                     dir=str(directory), config=config)
 
     def write(self, metrics: dict[str, Any]) -> None:
         """Record one optimizer step's metrics (must contain ``step``)."""
@@ -57,11 +99,29 @@ class MetricsLogger:
         self._file.write(json.dumps(metrics) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({wandb_key(k): v for k, v in metrics.items() if k != "step" and v is not None},
-                            step=metrics["step"])
+            self._wandb.log(wandb_row(metrics, legacy=self._legacy), step=metrics["step"])
+
+    def write_samples(self, rows: list[dict]) -> None:
+        """Append generations to ``samples.jsonl``; W&B gets a ``samples`` table of every one so far."""
+        if not self.enabled or not rows:
+            return
+        if self._samples_file is None:
+            self._samples_file = open(self._run_dir / "samples.jsonl", "a")
+        for row in rows:
+            self._samples_file.write(json.dumps(row) + "\n")
+        self._samples_file.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._samples += rows
+            columns = ["step", "source", "prompt", "completion", "reference"]
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in self._samples])
+            self._wandb.log({"samples": table}, step=rows[0]["step"])
 
     def close(self) -> None:
         if self._file:
             self._file.close()
+        if self._samples_file:
+            self._samples_file.close()
         if self._wandb is not None:
             self._wandb.finish()

@@ -15,6 +15,7 @@ from sftdist.logging import log
 from sftdist.parallel import is_main
 
 RUN_MARKERS = ("metrics.jsonl", "final", "checkpoints")
+STEP_LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON object per line, each with its "step"
 
 
 def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[Path]:
@@ -97,22 +98,41 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume_step: Optional[int
                     ds_config: dict) -> None:
     """Create the run directory and write ``config.yaml`` and ``ds_config.json`` (rank 0).
 
-    A fresh run with ``overwrite`` first removes the earlier run's metrics, checkpoints and final model. A
-    resumed run keeps ``metrics.jsonl`` up to the resumed step, so the file reads as one uninterrupted run.
+    A fresh run with ``overwrite`` first removes the earlier run's metrics, samples, checkpoints and final
+    model. A resumed run keeps ``metrics.jsonl`` and ``samples.jsonl`` up to the resumed step, so each reads
+    as one uninterrupted run.
     """
     if not is_main():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite and resume_step is None:
-        for m in RUN_MARKERS:
+        for m in RUN_MARKERS + STEP_LOGS:
             path = run_dir / m
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-    metrics = run_dir / "metrics.jsonl"
-    if resume_step is not None and metrics.exists():
-        rows = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        metrics.write_text("".join(r + "\n" for r in rows))
+    for name in STEP_LOGS:
+        if resume_step is not None and (run_dir / name).exists():
+            rows = rows_up_to((run_dir / name).read_text(), resume_step)
+            (run_dir / name).write_text("".join(r + "\n" for r in rows))
     (run_dir / "config.yaml").write_text(config_yaml)
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+
+def rows_up_to(text: str, step: int) -> list[str]:
+    """The lines of a step log whose ``step`` is at most ``step``; a line a killed run left half-written is
+    dropped.
+
+    Example:
+        >>> rows_up_to('{"step": 0}\\n{"step": 1}\\n{"step": 2}\\n{"st', 1)
+        ['{"step": 0}', '{"step": 1}']
+    """
+    kept = []
+    for line in text.splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept

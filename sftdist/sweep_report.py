@@ -219,7 +219,9 @@ def last_of(rows: list[dict[str, Any]], key: str) -> Optional[dict[str, Any]]:
 
 def summarize(point: Point, keys: list[str]) -> dict[str, Any]:
     """One row of the report (the CSV columns; None where a value is unknown)."""
-    rows, evals = point.rows, [r for r in point.rows if isinstance(r.get("eval_loss"), (int, float))]
+    # step 0 is the base model's eval (the same for every point): not a result of the point's settings
+    rows = point.rows
+    evals = [r for r in rows if isinstance(r.get("eval_loss"), (int, float)) and r["step"] > 0]
     finite = [r for r in evals if math.isfinite(r["eval_loss"])]
     best = min(finite, key=lambda r: r["eval_loss"]) if finite else None
     final_train, final_eval = last_of(rows, "loss"), evals[-1] if evals else None

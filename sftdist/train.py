@@ -22,22 +22,25 @@ from sftdist.build_locks import clear_stale_build_locks
 from sftdist.checkpoint import (checkpoint_step, load_checkpoint, needs_universal, save_checkpoint, save_final,
                                 saved_state, saved_world_size, universal_checkpoint)
 from sftdist.config import ConfigError, SFTConfig, grad_accum_steps, register_configs, validate
-from sftdist.data import (IGNORE_INDEX, DataError, TrainData, build_datasets, build_schedule, mix_report,
-                          prepare_all)
-from sftdist.data.collate import collate, collate_packed
+from sftdist.data import DataError, TrainData, build_datasets, build_schedule, make_batch, prepare_all
 from sftdist.data.loader import SampleSchedule
+from sftdist.evaluation import EvalPlan, EvalTracker, per_source_metrics
 from sftdist.logging import MetricsLogger, log
-from sftdist.forward import LossHead, check_supervised_head
+from sftdist.forward import LossHead
 from sftdist.loss import backward_scale, per_source_sums
 from sftdist.model import build_model, load_tokenizer
 from sftdist.optim import lr_multiplier, param_groups, warmup_steps
 from sftdist.parallel import (all_reduce_sum, barrier, broadcast_from_main, build_ds_config, device, has_gpu,
                               init_distributed, is_main, local_main_first, main_only, rank, resolve_precision,
                               shutdown, stage0_grad_norm, world_size, wrap_with_deepspeed, zero3_init_context)
+from sftdist.progress import Progress
 from sftdist.preemption import install_stop_handlers, received, requeue_after
 from sftdist.peft import apply_peft, merge_adapter, trainable_summary
-from sftdist.resume_check import check_unchanged, data_summary, run_settings
+from sftdist.resume_check import data_summary, run_settings
 from sftdist.rundir import clean_partial_saves, prepare_run_dir, resolve_resume, retire_newer_checkpoints
+from sftdist.samples import sample_prompts
+from sftdist.startup import check_same_run, choose_head, log_data_report, log_summary
+from sftdist.step_metrics import StepMeter, batch_counts
 from sftdist.stop_rule import StopRule
 from sftdist.sweep import in_multirun, place_sweep_point
 
@@ -53,52 +56,7 @@ class LoopResult:
     tokens: int
     seconds: float
     stop_signal: Optional[str] = None  # SIGUSR1 / SIGTERM when one stopped the run early
-
-
-def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: int, *, packed: bool,
-               split: str = "train") -> dict[str, torch.Tensor]:
-    """Collate sequences of ``(source, record)`` samples: one sample per row, or packed rows."""
-    rows = [[data.get(s, i, split) for s, i in seq] for seq in sequences]
-    return collate_packed(rows, pad_id) if packed else collate([r[0] for r in rows], pad_id)
-
-
-def per_source_metrics(prefix: str, names: list[str], sums: list[float]) -> dict[str, float]:
-    """``{loss/<name>: ..., supervised_tokens/<name>: ...}`` (``eval_`` versions for prefix ``eval_loss``)
-    from a ``per_source_sums`` vector summed over ranks."""
-    out = {}
-    for i, name in enumerate(names):
-        count = sums[len(names) + i]
-        out[f"{prefix}/{name}"] = sums[i] / count if count else None
-        out[f"{prefix.removesuffix('loss')}supervised_tokens/{name}"] = int(count)
-    return out
-
-
-def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int, head: LossHead) -> dict[str, float]:
-    """Token-weighted loss on every source's eval split, overall and per source.
-
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively), padding
-    its share with a masked-out repeat of a record when the split does not divide evenly.
-    """
-    rank_, world, dev = rank(), world_size(), device()
-    names, num = data.names, len(data.sources)
-    sums = torch.zeros(2 * num, dtype=torch.float64, device=dev)
-    samples = [(s, i) for s, src in enumerate(data.sources) if src.eval is not None for i in range(len(src.eval))]
-    per_rank = -(-len(samples) // world)
-    mine = samples[rank_ * per_rank:(rank_ + 1) * per_rank]
-    mine += [None] * (per_rank - len(mine))  # placeholders keep forward counts equal across ranks
-    engine.eval()
-    with torch.no_grad():
-        for start in range(0, per_rank, micro_batch_size):
-            chunk = mine[start:start + micro_batch_size]
-            batch = make_batch(data, [[c or samples[0]] for c in chunk], pad_id, packed=False, split="eval")
-            batch["targets"][[i for i, c in enumerate(chunk) if c is None]] = IGNORE_INDEX
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            losses, mask = head.losses(engine, batch)
-            sums += per_source_sums(losses, batch["token_source"][mask], num)
-    engine.train()
-    totals = all_reduce_sum(sums.tolist())
-    loss = sum(totals[:num]) / max(sum(totals[num:]), 1)
-    return {"eval_loss": loss, **per_source_metrics("eval_loss", names, totals)}
+    early_stopped: Optional[str] = None  # why early stopping ended the run (then it is finished)
 
 
 @dataclass
@@ -109,11 +67,16 @@ class Saving:
     every: int
     keep_last: int
     run_settings: dict
+    best: bool = False  # also checkpoint each eval step that improves the early-stopping metric
+
+    def save(self, engine, step: int, tracker: EvalTracker) -> Path:
+        return save_checkpoint(engine, self.run_dir, step, keep_last=self.keep_last, run_settings=self.run_settings,
+                               eval_state=tracker.state(), protect_step=tracker.best_step if self.best else None)
 
 
 def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step: int, max_steps: int,
                micro_batch_size: int, pad_id: int, packed: bool, head: LossHead, metrics: MetricsLogger,
-               log_every: int, eval_every: int, saving: Saving, stop: StopRule) -> LoopResult:
+               meter: StepMeter, progress: Progress, evals: EvalPlan, saving: Saving, stop: StopRule) -> LoopResult:
     """Run optimizer steps ``start_step`` .. ``max_steps - 1``, or stop early with a checkpoint by ``stop``.
 
     Each step: fetch this rank's micro-batches, count the supervised tokens of the whole step over all
@@ -124,21 +87,21 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
     grad_accum = engine.gradient_accumulation_steps()
     num_sources = len(data.sources)
     stage0, grad_norm = engine.zero_optimization_stage() == 0, None
-    has_eval = any(s.eval is not None and len(s.eval) for s in data.sources)
     losses: list[float] = []
     total_tokens, start = 0, time.time()
     step_seconds = save_seconds = 0.0
+    if start_step == 0 and evals.due(0, last=False):  # the baseline that eval_loss_delta/<source> is measured from
+        baseline, _, _ = evals.run(engine, data, head, step=0, metrics=metrics)
+        if baseline:
+            metrics.write({"step": 0, "elapsed_s": time.time() - start, **baseline})
+            log(f"step 0 (before training)  eval_loss {baseline['eval_loss']:.4f}")
     step = start_step - 1
     for step in range(start_step, max_steps):
         step_start = time.time()
         # 1. This step's micro-batches, and the step's global supervised-token count (needed before backward).
         micro_batches = [make_batch(data, mb, pad_id, packed=packed)
                          for mb in schedule.micro_batches(step, rank_, world, micro_batch_size)]
-        local_supervised = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        local_tokens = sum(int((b["token_source"] >= 0).sum()) for b in micro_batches)
-        local_slots = sum(b["input_ids"].numel() for b in micro_batches)  # tokens + padding
-        global_supervised, global_tokens, global_slots = all_reduce_sum(
-            [local_supervised, local_tokens, local_slots])
+        global_supervised, global_tokens, global_slots, global_attention = all_reduce_sum(batch_counts(micro_batches))
         scale = backward_scale(int(global_supervised), grad_accum, world)
         lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler advances inside step()
 
@@ -165,46 +128,35 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
         grad_norm = grad_norm if stage0 else engine.get_global_grad_norm()
         total_tokens += int(global_tokens)
         losses.append(loss)
-        elapsed = time.time() - start
         row = {"step": step + 1, "loss": loss, "lr": lr,
                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens": int(global_tokens), "supervised_tokens": int(global_supervised),
-               "tokens_per_sec": global_tokens / max(time.time() - step_start, 1e-9), "elapsed_s": elapsed,
-               "padding_fraction": 1 - global_tokens / max(global_slots, 1),
-               **per_source_metrics("loss", data.names, totals)}
-        last = step + 1 == max_steps
-        if has_eval and ((eval_every and (step + 1) % eval_every == 0) or last):
-            row |= evaluate(engine, data, micro_batch_size=micro_batch_size, pad_id=pad_id, head=head)
+               **meter.metrics(supervised=int(global_supervised), tokens=int(global_tokens), slots=int(global_slots),
+                               attention=int(global_attention), seconds=time.time() - step_start),
+               "elapsed_s": time.time() - start, **per_source_metrics("loss", data.names, totals)}
+        last, improved, early_stop = step + 1 == max_steps, False, None
+        if evals.due(step + 1, last):
+            entries, improved, early_stop = evals.run(engine, data, head, step=step + 1, metrics=metrics)
+            row |= entries
         metrics.write(row)
-        if (step + 1) % log_every == 0 or last:
-            log(f"step {step + 1}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  grad_norm {float(grad_norm):.3f}"
-                f"  tok/s {total_tokens / elapsed:,.0f}" + (f"  eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""))
-        # 7. checkpoint every save_every steps, and before stopping early; the run ends at max_steps.
+        progress.update(row)
+        # 7. checkpoint every save_every steps, at a new best eval (early stopping keeps it for final/), and
+        # before stopping early; the run ends at max_steps.
         step_seconds = max(step_seconds, time.time() - step_start)
-        why = None if last else (f"{stop_signal} received" if stop_signal else None) or stop.reason(
+        why = None if last else early_stop or (f"{stop_signal} received" if stop_signal else None) or stop.reason(
             step=step + 1, steps_run=len(losses), step_seconds=step_seconds, save_seconds=save_seconds)
-        if (saving.every and (step + 1) % saving.every == 0 and not last) or why:
+        if (saving.every and (step + 1) % saving.every == 0 and not last) or (why and not early_stop) or \
+                (improved and saving.best):
             save_start = time.time()
-            path = save_checkpoint(engine, saving.run_dir, step + 1, keep_last=saving.keep_last,
-                                   run_settings=saving.run_settings)
+            path = saving.save(engine, step + 1, evals.tracker)
             save_seconds = time.time() - save_start
-            log(f"checkpoint saved: {path}")
+            log(f"checkpoint saved: {path}" + ("  (best eval so far)" if improved and saving.best else ""))
         if why:
             log(f"stopping early ({why})")
             break
     return LoopResult(len(losses), step + 1, losses[0] if losses else float("nan"),
                       losses[-1] if losses else float("nan"), total_tokens, time.time() - start,
-                      stop_signal if why else None)
-
-
-def log_data_report(data: TrainData, schedule: SampleSchedule) -> None:
-    for warning in data.warnings:
-        log(f"warning: {warning}")
-    for r in mix_report(data, schedule):
-        skipped = {k: v for k, v in r["statuses"].items() if k != "ok"}
-        log(f"data {r['source']}: {r['kept']}/{r['records']} records kept{f' {skipped}' if skipped else ''}; per epoch "
-            f"{r['samples_per_epoch']} samples = {r['sample_share']:.1%} of samples, "
-            f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited")
+                      stop_signal if why and not early_stop else None, early_stop if why else None)
 
 
 def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, max_steps: int):
@@ -227,39 +179,6 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
         lambda s: lr_multiplier(s, max_steps=max_steps, warmup=warmup, schedule=t.schedule,
                                 min_lr_ratio=t.min_lr_ratio))
     return engine, model
-
-
-def choose_head(engine, data: TrainData, schedule: SampleSchedule, *, mode: str, chunk_tokens: int,
-                step: int, micro_batch_size: int, pad_id: int, packed: bool) -> LossHead:
-    """``train.lm_head``, unless the supervised head disagrees with the model's own logits on this rank's
-    first micro-batch on any rank: then ``full``, with a warning saying why.
-
-    The check runs in eval mode on a forked RNG, so dropout masks (and exact resume) are untouched.
-    """
-    if mode != "supervised":
-        return LossHead(mode, chunk_tokens)
-    first = schedule.micro_batches(step, rank(), world_size(), micro_batch_size)[0]
-    batch = {k: v.to(device()) for k, v in make_batch(data, first, pad_id, packed=packed).items()}
-    engine.eval()
-    with torch.random.fork_rng(devices=[]):
-        problem = check_supervised_head(engine, batch)
-    engine.train()
-    if all_reduce_sum([float(problem is not None)])[0] == 0:
-        return LossHead(mode, chunk_tokens)
-    log(f"warning: train.lm_head=supervised does not fit this model ({problem or 'on another rank'}); "
-        f"computing all logits (train.lm_head=full)")
-    return LossHead("full", chunk_tokens)
-
-
-def check_same_run(checkpoint: Path, now: dict, *, allow: bool) -> None:
-    """Stop (ConfigError) if the checkpoint was written by a run whose steps saw other samples than ``now``'s
-    settings give; with ``allow``, log each difference and go on."""
-    saved = saved_state(checkpoint).get("run")
-    if saved is None:
-        log(f"warning: {checkpoint} records no run settings (an older sftdist wrote it): resuming unchecked")
-        return
-    for change in check_unchanged(saved, now, checkpoint=str(checkpoint), allow=allow):
-        log(f"warning: resuming despite a change (train.resume_allow_changes=true): {change}")
 
 
 def run(cfg: SFTConfig) -> Path:
@@ -291,7 +210,7 @@ def run(cfg: SFTConfig) -> Path:
         check_same_run(resume_from, kept, allow=t.resume_allow_changes)
     schedule = build_schedule(data, cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
                               max_length=t.max_length)
-    log_data_report(data, schedule)
+    mix = log_data_report(data, schedule)
     max_steps = t.max_steps if t.max_steps > 0 else schedule.steps_for_epochs(t.epochs)
 
     precision = resolve_precision(cfg.parallelism.precision, gpu=gpu)
@@ -318,24 +237,42 @@ def run(cfg: SFTConfig) -> Path:
     start_step = load_checkpoint(engine, resume_from) if resume_from else 0
     if resume_from:
         log(f"resumed from {resume_from} after step {start_step}")
-    log(f"{world} process(es), ZeRO-{cfg.parallelism.zero_stage}, {precision}, "
-        f"grad accumulation {grad_accum_steps(t, world)}, {max_steps} steps; {trainable_summary(model)}")
+    log_summary(model_name=cfg.model.name_or_path or f"{cfg.model.from_config['model_type']} from config (random init)",
+                trainable=trainable_summary(model), mix=mix, global_batch_size=t.global_batch_size,
+                epoch_len=schedule.epoch_len, max_steps=max_steps, world=world, zero_stage=cfg.parallelism.zero_stage,
+                precision=precision, grad_accum=grad_accum_steps(t, world), packing=cfg.data.packing,
+                max_length=t.max_length, run_dir=str(run_dir))
 
     head = choose_head(engine, data, schedule, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
                        step=start_step, micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id,
                        packed=cfg.data.packing) if start_step < max_steps else LossHead(t.lm_head)
+    meter, peak_note = StepMeter.build(model, precision=precision, peak_override=cfg.logging.peak_flops,
+                                       head_everywhere=head.mode == "full")
+    log(peak_note)
+    tracker = EvalTracker.from_state(t.early_stopping, saved_state(resume_from).get("eval") if resume_from else None)
+    evals = EvalPlan(t.eval_every, t.eval_at_start, tracker, data.has_eval(), t.micro_batch_size,
+                     tokenizer.pad_token_id, sample_prompts(data, tokenizer, cfg.logging), tokenizer,
+                     cfg.logging.sample_max_new_tokens, synced=cfg.parallelism.zero_stage == 3 and world > 1)
     install_stop_handlers()  # from here on a stop signal means: finish the step, checkpoint, exit
     metrics = MetricsLogger(run_dir, cfg.logging, cfg.run_name or run_dir.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)))
-    result = train_loop(engine, data, schedule, start_step=start_step, max_steps=max_steps,
-                        micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id, packed=cfg.data.packing,
-                        head=head, metrics=metrics, log_every=cfg.logging.log_every, eval_every=t.eval_every,
-                        saving=Saving(run_dir, t.save_every, t.keep_last, {**settings, **kept}),
-                        stop=StopRule.from_config(t, started))
+    progress = Progress(start_step=start_step, max_steps=max_steps, log_every=cfg.logging.log_every,
+                        mode=cfg.logging.progress)
+    saving = Saving(run_dir, t.save_every, t.keep_last, {**settings, **kept},
+                    best=tracker.enabled and t.early_stopping.save == "best")
+    try:
+        result = train_loop(engine, data, schedule, start_step=start_step, max_steps=max_steps,
+                            micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id,
+                            packed=cfg.data.packing, head=head, metrics=metrics, meter=meter, progress=progress,
+                            evals=evals, saving=saving, stop=StopRule.from_config(t, started))
+    finally:
+        progress.close()
     log(f"ran {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
         f"{result.last_loss:.4f}, {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s")
     log(f"run directory: {run_dir}")
-    if result.last_step == max_steps:
+    if result.last_step == max_steps or result.early_stopped:
+        if saving.best:
+            restore_best(engine, run_dir, tracker, last_step=result.last_step)
         log(f"final model:   {save_final(engine, tokenizer, run_dir)}")
         if cfg.peft.method != "none" and cfg.peft.merge_on_save:
             if is_main():
@@ -347,6 +284,23 @@ def run(cfg: SFTConfig) -> Path:
             log(requeued)
     metrics.close()
     return run_dir
+
+
+def restore_best(engine, run_dir: Path, tracker: EvalTracker, *, last_step: int) -> None:
+    """Load the best eval step's checkpoint into the engine for ``final/`` (early stopping, save=best); keep
+    the last step's weights, and say so, when that is the best or its checkpoint cannot load here."""
+    metric, best = tracker.early.metric, tracker.best_step
+    path = run_dir / "checkpoints" / f"step-{best}"
+    if best is None or best == last_step:
+        log(f"final/ holds the last step {last_step}" + (f", the best {metric} ({tracker.best_value:.4f})"
+                                                          if best is not None else " (no eval improved)"))
+    elif not (path / "trainer_state.json").exists() or needs_universal(path, world_size()):
+        log(f"warning: final/ holds the last step {last_step}, not the best {metric} step {best}: its "
+            f"checkpoint {path} is missing or was written on another number of ranks")
+    else:
+        load_checkpoint(engine, path)
+        log(f"final/ holds step {best}, the best {metric} ({tracker.best_value:.4f}); training went on to "
+            f"step {last_step}")
 
 
 @hydra.main(version_base=None, config_path="pkg://sftdist.conf", config_name="config")

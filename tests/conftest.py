@@ -57,9 +57,10 @@ def compose(overrides: list[str] | None = None):
     return compose_raw(overrides or [])
 
 
-def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command from the repo root; on failure show its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repo root (``env``: extra variables); on failure show its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
@@ -76,8 +77,10 @@ def train_torchrun(nproc: int, overrides: list[str], **kw) -> subprocess.Complet
                     str(nproc), "-m", "sftdist.train", *overrides], **kw)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir: Path, *, baseline: bool = False) -> list[dict]:
+    """The training steps' rows of ``metrics.jsonl``; with ``baseline`` also the step-0 eval row."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if baseline or r["step"] > 0]
 
 
 @pytest.fixture(scope="session")

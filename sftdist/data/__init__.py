@@ -14,13 +14,14 @@ from typing import Any, Optional
 
 from sftdist.config import DataConfig
 from sftdist.data.audit import audit_source, template_warnings
+from sftdist.data.collate import collate, collate_packed
 from sftdist.data.loader import SampleSchedule, mix_counts
 from sftdist.data.messages import DataError
 from sftdist.data.prepare import prepare_source
 from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_conversation, encode_text
 
 __all__ = ["DataError", "IGNORE_INDEX", "MaskError", "SourceData", "TrainData", "build_datasets", "build_schedule", "mix_report",
-           "encode_conversation", "encode_text", "prepare_all"]
+           "encode_conversation", "encode_text", "make_batch", "prepare_all"]
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SourceData:
     train: Any  # datasets.Dataset: input_ids, labels, num_tokens, num_supervised, where
     eval: Optional[Any]
     stats: dict
+    generic: bool = False  # replay data: its eval loss change is the forgetting curve
 
 
 @dataclass
@@ -54,6 +56,16 @@ class TrainData:
         """The example at ``(source, record)``, tagged with its source id."""
         row = getattr(self.sources[source], split)[record]
         return {"input_ids": row["input_ids"], "labels": row["labels"], "source": source}
+
+    def has_eval(self) -> bool:
+        return any(s.eval is not None and len(s.eval) for s in self.sources)
+
+
+def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: int, *, packed: bool,
+               split: str = "train") -> dict:
+    """Collate sequences of ``(source, record)`` samples: one sample per row, or packed rows."""
+    rows = [[data.get(s, i, split) for s, i in seq] for seq in sequences]
+    return collate_packed(rows, pad_id) if packed else collate([r[0] for r in rows], pad_id)
 
 
 def prepare_all(cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> list[Path]:
@@ -82,7 +94,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
         stats["mask_warnings"] = template_warnings(tokenizer) if source.format != "text" else []
         train = datasets.load_from_disk(str(d / "train"))
         evaluation = datasets.load_from_disk(str(d / "eval")) if (d / "eval").exists() else None
-        sources.append(SourceData(source.name, source.weight, source.format, train, evaluation, stats))
+        sources.append(SourceData(source.name, source.weight, source.format, train, evaluation, stats,
+                                  generic=source.is_generic))
     return TrainData(sources)
 
 
@@ -117,12 +130,15 @@ def mix_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
     """Per source: records read and kept, what happened to the others, and the realised mix of the first
     epoch (samples drawn, and shares of samples and of supervised tokens)."""
     supervised = [column_values(s.train, "num_supervised") for s in data.sources]
-    drawn, tokens = [0] * len(data.sources), [0] * len(data.sources)
+    lengths = [column_values(s.train, "num_tokens") for s in data.sources]
+    drawn, tokens, all_tokens = [0] * len(data.sources), [0] * len(data.sources), [0] * len(data.sources)
     for seq in schedule.epoch(0):
         for src, i in seq:
             drawn[src] += 1
             tokens[src] += supervised[src][i]
+            all_tokens[src] += lengths[src][i]
     return [{"source": src.name, "records": src.stats["records"], "kept": src.stats["kept"],
              "statuses": src.stats["statuses"], "samples_per_epoch": drawn[s],
              "sample_share": drawn[s] / max(sum(drawn), 1), "supervised_token_share": tokens[s] / max(sum(tokens), 1),
+             "tokens_per_epoch": all_tokens[s], "supervised_tokens_per_epoch": tokens[s],
              "audited": src.stats.get("audited", 0)} for s, src in enumerate(data.sources)]

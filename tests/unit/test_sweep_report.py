@@ -244,3 +244,15 @@ def test_importing_the_report_pulls_in_no_training_stack():
 def test_docstring_examples():
     result = doctest.testmod(sweep_report)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_the_step_0_baseline_is_not_a_points_result(tmp_path, capsys):
+    """Every point's step-0 row holds the untrained model's eval loss; a point whose training only made it
+    worse must not get the base model's value as its best eval loss."""
+    for name, lr, final_eval in (("0", 1e-5, 2.5), ("1", 2e-5, 1.9)):
+        rows = [{"step": 0, "elapsed_s": 0.5, "eval_loss": 2.0, "eval_loss/demo": 2.0, "eval_loss_delta": 0.0}]
+        write_point(tmp_path, name, lr=lr, final=True, rows=rows + metric_rows(10, lr=lr, evals={10: final_eval}))
+    assert main([str(tmp_path)]) == 0
+    assert best_line(capsys.readouterr().out).startswith("best point: 1 (")
+    rows = read_csv(tmp_path)
+    assert (rows["0"]["best_eval_loss"], rows["0"]["best_eval_step"]) == ("2.5", "10")
