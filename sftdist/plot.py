@@ -5,7 +5,7 @@ Several run directories overlay on the same figures, one colour per run, labelle
 (by their last two path components when names collide), to compare the points of a sweep.
 
 Figures, each skipped (with a note on stderr) when no run logged what it shows:
-  loss.png        train loss per step, overall and per source (faint: raw; bold: EMA)
+  loss.png        train loss per step, overall and per source (faint: raw; bold: centred moving average)
   eval_loss.png   eval loss, overall and per source, including the step-0 baseline
   forgetting.png  change of each generic source's eval loss since step 0 (all sources if none is generic)
   lr.png          learning rate
@@ -66,7 +66,7 @@ class Line:
     color: str
     steps: list[int]
     values: list[float]
-    smooth: str = ""  # noisy per-step values: draw the raw curve faint under its "ema" or "median"
+    smooth: str = ""  # noisy per-step values: draw the raw curve faint under its "mean" or "median"
     marker: Optional[str] = None  # sparse points (eval) get markers
 
 
@@ -189,18 +189,19 @@ def smoothing_window(points: int, requested: Optional[int] = None) -> int:
     return min(MAX_SMOOTH_WINDOW, max(1, round(points * SMOOTH_SHARE)))
 
 
-def ema(values: list[float], window: int) -> list[float]:
-    """Exponential moving average with weight ``1 - 1/window`` per step, debiased so the start is not pulled
-    towards the first value.
+def centered_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the ``window // 2`` on either side, as many on both sides (so fewer near the
+    ends, and none at the first and last value). Centred and symmetric, so the smoothed loss neither lags
+    behind its early fall, as a trailing average (an EMA) does, nor is pulled off it at the ends.
 
-    >>> [round(v, 3) for v in ema([4.0, 2.0, 2.0, 2.0], 2)]
-    [4.0, 2.667, 2.286, 2.133]
+    >>> centered_mean([4.0, 2.0, 0.0, 2.0, 4.0], 3)
+    [4.0, 2.0, 1.3333333333333333, 2.0, 4.0]
     """
-    weight, average, smoothed = 1 - 1 / window, 0.0, []
-    for count, value in enumerate(values, 1):
-        average = weight * average + (1 - weight) * value
-        smoothed.append(average / (1 - weight ** count) if weight else average)
-    return smoothed
+    out = []
+    for i in range(len(values)):
+        half = min(window // 2, i, len(values) - 1 - i)
+        out.append(statistics.fmean(values[i - half:i + half + 1]))
+    return out
 
 
 def rolling_median(values: list[float], window: int) -> list[float]:
@@ -213,7 +214,7 @@ def rolling_median(values: list[float], window: int) -> list[float]:
     return [statistics.median(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
 
 
-SMOOTHERS = {"ema": ema, "median": rolling_median}
+SMOOTHERS = {"mean": centered_mean, "median": rolling_median}
 
 
 def key_panel(runs: list[Run], key: str, title: str, ylabel: str, *, scale: float = 1.0,
@@ -224,10 +225,10 @@ def key_panel(runs: list[Run], key: str, title: str, ylabel: str, *, scale: floa
 
 
 def loss_figure(runs: list[Run]) -> Figure:
-    panels = [key_panel(runs, "loss", "train loss (all sources)", LOSS_LABEL, smooth="ema")]
-    panels += [key_panel(runs, f"loss/{s}", f"train loss: {s}", LOSS_LABEL, smooth="ema")
+    panels = [key_panel(runs, "loss", "train loss (all sources)", LOSS_LABEL, smooth="mean")]
+    panels += [key_panel(runs, f"loss/{s}", f"train loss: {s}", LOSS_LABEL, smooth="mean")
                for s in source_names(runs, "loss")]
-    return Figure("loss", "Train loss per step (faint: raw; bold: EMA)", panels)
+    return Figure("loss", "Train loss per step (faint: raw; bold: centred moving average)", panels)
 
 
 def eval_loss_figure(runs: list[Run]) -> Figure:

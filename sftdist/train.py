@@ -250,8 +250,11 @@ def run(cfg: SFTConfig) -> Path:
                                        head_everywhere=head.mode == "full")
     log(peak_note)
     tracker = EvalTracker.from_state(t.early_stopping, saved_state(resume_from).get("eval") if resume_from else None)
+    if not (prompts := sample_prompts(data, tokenizer, cfg.logging)) and cfg.logging.samples:
+        log("warning: logging.samples is set but no source has an eval split: no sample generations "
+            "(give a source eval_fraction or eval_path, or set logging.sample_prompts)")
     evals = EvalPlan(t.eval_every, t.eval_at_start, tracker, data.has_eval(), t.micro_batch_size,
-                     tokenizer.pad_token_id, sample_prompts(data, tokenizer, cfg.logging), tokenizer,
+                     tokenizer.pad_token_id, prompts, tokenizer,
                      cfg.logging.sample_max_new_tokens, synced=cfg.parallelism.zero_stage == 3 and world > 1)
     install_stop_handlers()  # from here on a stop signal means: finish the step, checkpoint, exit
     metrics = MetricsLogger(run_dir, cfg.logging, cfg.run_name or run_dir.name,

@@ -248,11 +248,13 @@ def test_a_truncated_last_line_is_tolerated(tmp_path, capsys):
     assert plot.loss_figure(load([run])).panels[0].lines[0].steps[-1] == 30
 
 
-def test_ema_smooths_noise_and_keeps_the_level():
+def test_smoothing_removes_noise_without_lagging_a_falling_loss():
     noisy = [2.0 + (0.5 if i % 2 else -0.5) for i in range(200)]
-    smoothed = plot.ema(noisy, 20)
-    assert max(smoothed[50:]) - min(smoothed[50:]) < 0.1 and smoothed[-1] == pytest.approx(2.0, abs=0.05)
-    assert plot.ema([1.0, 3.0], 1) == [1.0, 3.0]  # window 1: no smoothing
+    smoothed = plot.centered_mean(noisy, 20)
+    assert max(smoothed[50:150]) - min(smoothed[50:150]) < 0.1 and smoothed[100] == pytest.approx(2.0, abs=0.05)
+    assert plot.centered_mean([1.0, 3.0], 1) == [1.0, 3.0]  # window 1: no smoothing
+    falling = [10.0 - 0.05 * i for i in range(200)]  # a straight fall: a centred mean stays on it
+    assert plot.centered_mean(falling, 21)[100] == pytest.approx(falling[100])
 
 
 def imported_modules(*args: str) -> tuple[set[str], str]:
