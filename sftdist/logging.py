@@ -65,9 +65,9 @@ def wandb_dir(cfg: LoggingConfig, run_dir: Path) -> Path:
 class MetricsLogger:
     """Writes one JSON object per optimizer step to ``metrics.jsonl`` and mirrors it to W&B.
 
-    Flat keys (``loss``, ``lr``, ``loss/<source>``, ``eval_loss``, ...) go to the file; W&B gets them under
-    ``train/`` and ``eval/`` (see ``wandb_key``). Off rank 0 every
-    method is a no-op, so callers need no rank checks.
+    W&B gets each key under the same name (``wandb_row``), plus the pre-0.2 ``train/...`` / ``eval/...`` names
+    of the older metrics while ``logging.wandb_legacy_names`` is on. Off rank 0 every method is a no-op, so
+    callers need no rank checks.
 
     Args:
         run_dir: The run directory.

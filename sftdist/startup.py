@@ -33,11 +33,12 @@ def log_data_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
     for warning in data.warnings:
         log(f"warning: {warning}")
     report = mix_report(data, schedule)
-    for r in report:
+    for r, source in zip(report, data.sources):
         skipped = {k: v for k, v in r["statuses"].items() if k != "ok"}
         log(f"data {r['source']}: {r['kept']}/{r['records']} records kept{f' {skipped}' if skipped else ''}; per epoch "
             f"{r['samples_per_epoch']} samples = {r['sample_share']:.1%} of samples, "
-            f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited")
+            f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited"
+            + ("; generic: its eval_loss_delta is the forgetting curve" if source.generic and source.eval else ""))
     return report
 
 

@@ -74,6 +74,8 @@ def test_console_shows_summary_and_progress_lines(watched_run):
     progress = [line for line in out.splitlines() if "] step " in line and "/4" in line]
     assert [line.split("] step ")[1].split()[0] for line in progress] == ["1/4", "2/4", "4/4"]  # not a terminal
     assert "eta" in progress[0] and "step 0 (before training)  eval_loss" in out
+    report = {line.split("] data ")[1].split(":")[0]: line for line in out.splitlines() if "] data demo_" in line}
+    assert "forgetting curve" in report["demo_generic"] and "forgetting curve" not in report["demo_chat"]
     assert "\r" not in out and "\r" not in proc.stderr.replace("\r\n", "\n").split("tokenising")[0]
 
 
