@@ -38,3 +38,17 @@ def test_two_ranks_zero3_packing_eval_and_samples(tmp_path, reference, peft):
                                                            for src in ("demo_chat", "demo_generic")]
     step0 = [(r["prompt"], r["completion"]) for r in samples if r["step"] == 0]
     assert step0 == [(r["prompt"], r["completion"]) for r in ref_samples if r["step"] == 0]
+
+
+def test_early_stopping_on_two_ranks_exports_the_best_step(tmp_path):
+    """Every rank decides from the same all-reduced eval values, stops after the same step, and loads the
+    best checkpoint collectively (ZeRO-3 shards) before the export."""
+    from tests.smoke.test_train_cpu import eval_loss_of_export
+
+    run_dir = tmp_path / "run"
+    proc = train_torchrun(2, [*FAST, "parallelism=zero3", "train.max_steps=20", "train.eval_every=2",
+                              "train.early_stopping.patience=1", "train.early_stopping.min_delta=100",
+                              f"output_dir={run_dir}"], timeout=900)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "final/ holds step 2" in proc.stdout
+    assert eval_loss_of_export(run_dir / "final", FAST) == pytest.approx(rows[1]["eval_loss"], rel=1e-5)
