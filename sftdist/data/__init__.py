@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from sftdist.config import DataConfig
 from sftdist.data.audit import audit_source, template_warnings
-from sftdist.data.collate import collate, collate_packed
+# (aliased: a bare `collate` here would replace the submodule sftdist.data.collate on the package)
+from sftdist.data.collate import collate as collate_rows, collate_packed
 from sftdist.data.loader import SampleSchedule, mix_counts
 from sftdist.data.messages import DataError
 from sftdist.data.prepare import prepare_source
@@ -65,7 +66,7 @@ def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: 
                split: str = "train") -> dict:
     """Collate sequences of ``(source, record)`` samples: one sample per row, or packed rows."""
     rows = [[data.get(s, i, split) for s, i in seq] for seq in sequences]
-    return collate_packed(rows, pad_id) if packed else collate([r[0] for r in rows], pad_id)
+    return collate_packed(rows, pad_id) if packed else collate_rows([r[0] for r in rows], pad_id)
 
 
 def prepare_all(cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> list[Path]:

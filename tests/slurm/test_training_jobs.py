@@ -70,7 +70,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, t
     assert [r["step"] for r in got] == list(range(1, 25))
     # Same steps and samples. Resumed multi-rank DeepSpeed runs drift from the uninterrupted one at ~1e-9
     # relative from the second step after a resume (ZeRO-2 and ZeRO-3, with or without SLURM): not bit for bit.
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6)
+    # At lr 3e-3 that drift grows over the remaining steps: up to 5.5e-6 at step 24 after an early preemption
+    # (seen in CI). Another sample order or a lost step moves the loss by more than 1e-2.
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-4)
 
 
 def test_prepare_first_runs_the_data_stage_as_its_own_job(slurm_cluster, tmp_path):

@@ -21,10 +21,10 @@ HOSTILE = 'x"; touch {marker}; "'
 def test_docstring_examples():
     import doctest
 
-    import sftdist.config
+    import sftdist.launch_config
     import sftdist.slurm
 
-    for module in (sftdist.slurm, sftdist.config):
+    for module in (sftdist.slurm, sftdist.launch_config):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0
 
