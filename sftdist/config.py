@@ -20,7 +20,7 @@ from sftdist.launch_config import LaunchConfig, slurm_minutes  # noqa: F401
 TRAIN_ON = ("assistant", "last", "all")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 MIX_BY = ("samples", "tokens")
-TRUNCATION = ("truncate", "drop")
+TRUNCATION = ("truncate", "drop", "error")
 ON_BAD_RECORD = ("error", "skip")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -39,6 +39,8 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flash_attention_3
     trust_remote_code: bool = False
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    # a Jinja chat template (a file path, or the template text) for a tokenizer that lacks one or has the wrong one
+    chat_template: Optional[str] = None
 
     def __post_init__(self) -> None:
         # "Neither set" is left to validate(): the schema's own default must construct.
@@ -89,10 +91,12 @@ class DataConfig:
     train_on: str = "assistant"  # assistant (every assistant turn) | last (final assistant turn) | all
     mix_by: str = "samples"  # weights share out samples | supervised tokens
     packing: bool = False  # pack samples into train.max_length rows (no attention across samples)
-    truncation: str = "truncate"  # over-length samples: truncate | drop
+    truncation: str = "truncate"  # over-length samples: truncate | drop | error (stop, naming the record)
     on_bad_record: str = "error"  # error (stop, naming file and record) | skip (count per reason)
     audit_samples: int = 32  # records per source whose masks are audited before training (0 = off)
     num_proc: int = 0  # tokenisation processes; 0 = one per CPU core, up to 8
+    # a chat template with no end-of-turn token is an error (the model would never learn to stop); false allows it
+    require_end_of_turn: bool = True
     cache_dir: Optional[str] = None  # tokenised-data cache; default $SFTDIST_CACHE/data
 
     def __post_init__(self) -> None:
@@ -127,6 +131,9 @@ class ParallelConfig:
     # bf16 under ZeRO-0, whose engine can only accumulate in the model dtype
     grad_accum_dtype: str = "auto"  # auto | fp32 | bf16
     build_lock_stale_s: float = 900.0  # a DeepSpeed op build lock older than this, with no live builder, is removed
+    # Seconds a collective may wait for a peer before it fails, so a hung or lost rank ends the job instead of
+    # stalling it. Above the longest time one rank waits for another (rank 0 saving the final model, a checkpoint).
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -141,6 +148,14 @@ class ParallelConfig:
             raise ConfigError("parallelism.grad_accum_dtype=fp32 needs parallelism.zero_stage >= 1: DeepSpeed's "
                               "ZeRO-0 engine accumulates gradients in the model dtype (use auto or bf16)")
         check_positive("parallelism.build_lock_stale_s", self.build_lock_stale_s)
+        if self.nvme_path and not (self.offload_optimizer or self.offload_params):
+            raise ConfigError(f"parallelism.nvme_path={self.nvme_path} names where to offload, but nothing is "
+                              f"offloaded: also set parallelism.offload_optimizer=true (ZeRO >= 1) and/or "
+                              f"parallelism.offload_params=true (ZeRO-3), or drop nvme_path")
+        if self.precision == "fp32" and self.grad_accum_dtype == "bf16":
+            raise ConfigError("parallelism.precision=fp32 conflicts with parallelism.grad_accum_dtype=bf16 (fp32 "
+                              "gradients cannot be accumulated in bf16): use grad_accum_dtype=auto, or precision=bf16")
+        check_positive("parallelism.collective_timeout_s", self.collective_timeout_s)
 
 
 @dataclass
@@ -218,6 +233,9 @@ class TrainConfig:
     stop_after_minutes: Optional[float] = None  # checkpoint and exit before this much wall-clock time has passed
     overwrite: bool = False  # allow replacing a finished or unresumable run already in output_dir
     resume_allow_changes: bool = False  # resume even if batch, seed, length, tokenizer or data differ (logged)
+    # a step whose loss or grad norm is NaN/inf: stop (exit 1, nothing saved from it) | skip (drop its update)
+    on_nonfinite: str = "stop"
+    max_consecutive_nonfinite: int = 5  # on_nonfinite=skip: non-finite steps skipped in a row before stopping
 
     def __post_init__(self) -> None:
         check_choice("train.schedule", self.schedule, SCHEDULES)
@@ -244,6 +262,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas={self.adam_betas} needs two values")
+        check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        check_positive("train.max_consecutive_nonfinite", self.max_consecutive_nonfinite)
 
 
 @dataclass
@@ -289,62 +309,6 @@ class SFTConfig:
     run_name: Optional[str] = None  # W&B run name; defaults to the output_dir's basename
 
 
-def validate(cfg: SFTConfig, *, dp_world: int, has_gpu: bool) -> None:
-    """Check the rules that span config groups.
-
-    Args:
-        cfg: The composed, typed config.
-        dp_world: Number of data-parallel processes the run will use.
-        has_gpu: Whether the run will train on CUDA devices.
-
-    Raises:
-        ConfigError: naming the keys that cannot work together.
-    """
-    if cfg.model.name_or_path is None and not cfg.model.from_config:
-        raise ConfigError("model: set model.name_or_path (hub id or local directory) or model.from_config")
-    if not cfg.data.sources:
-        raise ConfigError("data.sources is empty: name at least one data set")
-    t = cfg.train
-    per_step = t.micro_batch_size * dp_world
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x {dp_world} data-parallel processes = {per_step}; gradient accumulation "
-            f"would not be a whole number")
-    if not has_gpu and cfg.parallelism.precision in ("bf16", "fp16"):
-        raise ConfigError(f"parallelism.precision={cfg.parallelism.precision} needs a GPU; "
-                          f"use precision=auto or fp32 on CPU")
-    if not has_gpu and cfg.peft.method == "qlora":
-        raise ConfigError("peft.method=qlora quantises the base model with bitsandbytes, which needs a CUDA GPU; "
-                          "use peft=lora on CPU")
-    if cfg.peft.method == "qlora" and cfg.model.from_config:
-        raise ConfigError("peft.method=qlora needs a pretrained model (model.name_or_path) to quantise")
-    if not has_gpu and cfg.model.attn_implementation.startswith("flash_attention"):
-        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} needs a GPU; "
-                          f"use sdpa or eager on CPU")
-    validate_early_stopping(t, cfg.data)
-
-
-def validate_early_stopping(t: TrainConfig, data: DataConfig) -> None:
-    """The metric must be one an eval pass produces, and there must be evals during the run to compare."""
-    early = t.early_stopping
-    if not early.patience:
-        return
-    with_eval = [s.name for s in data.sources if s.eval_fraction > 0 or s.eval_path]
-    if not with_eval:
-        raise ConfigError("train.early_stopping.patience needs eval data: give a source data.sources[].eval_fraction "
-                          "or eval_path")
-    if not t.eval_every:
-        raise ConfigError("train.early_stopping.patience needs train.eval_every > 0 (evals during the run)")
-    if early.metric.startswith("eval_loss_delta/") and not t.eval_at_start:
-        raise ConfigError(f"train.early_stopping.metric={early.metric!r} is a change since the step-0 eval: it "
-                          f"needs train.eval_at_start=true")
-    source = early.metric.partition("/")[2]
-    if source and source not in with_eval:
-        raise ConfigError(f"train.early_stopping.metric={early.metric!r}: no source named {source!r} has an eval "
-                          f"split (sources with one: {with_eval})")
-
-
 def grad_accum_steps(train: TrainConfig, dp_world: int) -> int:
     """Micro-batches each rank runs per optimizer step: global / (micro x data-parallel world)."""
     return train.global_batch_size // (train.micro_batch_size * dp_world)
@@ -354,9 +318,14 @@ def compose_raw(overrides: list[str]):
     """The composed ``DictConfig`` that ``python -m sftdist.train overrides...`` would start from."""
     from hydra import compose, initialize_config_module
 
+    from sftdist.config_overrides import check_override_keys, prefer_named_model
+
+    check_override_keys(overrides)
     register_configs()
     with initialize_config_module(config_module="sftdist.conf", version_base=None):
-        return compose(config_name="config", overrides=overrides)
+        raw = compose(config_name="config", overrides=overrides)
+    prefer_named_model(raw, overrides)
+    return raw
 
 
 def compose_config(overrides: list[str]) -> SFTConfig:
@@ -377,3 +346,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sftdist_minutes", slurm_minutes)
         # the first value that is set and non-zero, e.g. processes per node = nproc_per_node or GPUs or 1
         OmegaConf.register_new_resolver("sftdist_or", lambda *values: next((v for v in values if v), None))
+
+
+# The cross-group rules live in config_rules.py (imported last: it needs the dataclasses above).
+from sftdist.config_rules import validate, validate_early_stopping  # noqa: E402,F401

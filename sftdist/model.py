@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import torch
 
 from sftdist.config import ConfigError, ModelConfig
@@ -18,15 +21,60 @@ def load_tokenizer(cfg: ModelConfig):
     """
     from transformers import AutoTokenizer
 
+    check_local_path("model.name_or_path", cfg.name_or_path)
+    check_local_path("model.tokenizer", cfg.tokenizer)
     path = resolve_builtin(cfg.tokenizer or cfg.name_or_path)
+    if cfg.trust_remote_code:
+        warn_remote_code("tokenizer", path)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.tokenizer: cannot load tokenizer {path!r}: {e}") from e
+    if cfg.chat_template:
+        tok.chat_template = chat_template_text(cfg.chat_template)
     if tok.pad_token_id is None:
         # Padding positions are never attended to nor trained on, so any id works; EOS is always present.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def warn_remote_code(what: str, path: str) -> None:
+    """Say on rank 0 whose code ``model.trust_remote_code=true`` lets transformers import and run: the Python
+    files that ``path`` ships (its ``auto_map``), with the job's permissions. Off by default; only the
+    explicit key turns it on, and then the log names the source so that a surprise is visible."""
+    from sftdist.logging import log
+
+    log(f"warning: model.trust_remote_code=true: the {what} {path!r} may run its own Python code (the auto_map "
+        f"modules of its directory or hub repo) in this process; use it only for a source you trust")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model/tokenizer name is a local path rather than a hub id (``org/name``: one slash).
+
+    Example:
+        >>> [looks_local(n) for n in ("Qwen/Qwen2.5-0.5B", "/models/qwen", "./qwen", "~/m", "models/org/qwen")]
+        [False, True, True, True, True]
+    """
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def check_local_path(key: str, name: Optional[str]) -> None:
+    """Raise a ``ConfigError`` naming ``key`` and the path when a local model/tokenizer path does not exist,
+    before transformers reports it as an invalid hub repo id."""
+    if name and not name.startswith("builtin:") and looks_local(name) and not Path(name).expanduser().exists():
+        raise ConfigError(f"{key}={name}: no such file or directory (a local path; for a hub model give its id, "
+                          f"e.g. Qwen/Qwen2.5-0.5B-Instruct)")
+
+
+def chat_template_text(value: str) -> str:
+    """``model.chat_template``: the text of a template file, or the value itself when it is template text."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{%" in value or "{{" in value:
+        return value
+    raise ConfigError(f"model.chat_template={value}: no such file, and not Jinja template text either (give the "
+                      f"path of a .jinja file, or the template itself)")
 
 
 def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_checkpointing: bool, seed: int,
@@ -54,6 +102,8 @@ def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_check
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
                                                  attn_implementation=cfg.attn_implementation)
     else:
+        if cfg.trust_remote_code:
+            warn_remote_code("model", cfg.name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 cfg.name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation,

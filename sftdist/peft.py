@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sftdist.config import PeftConfig
+from sftdist.config import ConfigError, PeftConfig
 
 
 def apply_peft(model, cfg: PeftConfig):
@@ -24,7 +24,21 @@ def apply_peft(model, cfg: PeftConfig):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model.is_gradient_checkpointing)
     elif getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError (a ValueError) for targets that match nothing
+        if "not found in the base model" not in str(e):
+            raise
+        raise ConfigError(f"peft.target_modules={list(cfg.target_modules)} matches no module of the model; its "
+                          f"linear layers are: {', '.join(linear_module_names(model))} (or use [all-linear])") from e
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last-name parts of the model's ``nn.Linear`` layers (what LoRA target_modules match)."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names)
 
 
 def trainable_summary(model) -> str:
@@ -46,6 +60,7 @@ def merge_adapter(run_dir: Path, *, out_name: str = "final_merged") -> Path:
 
     Raises:
         ConfigError: when ``final/`` holds no adapter.
+        CheckpointError: when the merged model cannot be written (disk full); no partial directory is left.
     """
     import json
 
@@ -54,6 +69,7 @@ def merge_adapter(run_dir: Path, *, out_name: str = "final_merged") -> Path:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from sftdist.checkpoint import write_whole_dir
     from sftdist.config import ConfigError, SFTConfig
     from sftdist.model import build_model
 
@@ -64,11 +80,17 @@ def merge_adapter(run_dir: Path, *, out_name: str = "final_merged") -> Path:
                                                          OmegaConf.load(run_dir / "config.yaml")))
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
-    tokenizer = AutoTokenizer.from_pretrained(final)
+    # The run's own setting, never more: final/ keeps a remote-code tokenizer's auto_map.
+    tokenizer = AutoTokenizer.from_pretrained(final, trust_remote_code=cfg.model.trust_remote_code)
     base = build_model(cfg.model, tokenizer, precision=precision, activation_checkpointing=False, seed=cfg.train.seed)
     merged = PeftModel.from_pretrained(base, final).merge_and_unload()
     out = run_dir / out_name
-    with torch.no_grad():
-        merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad():
+            merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    write_whole_dir(out, write, what="the merged model", hint=f"final/ (the adapter) is complete; free space and "
+                    f"write the merged model with: sftdist-export --merge {run_dir}")
     return out

@@ -27,11 +27,44 @@ def run_settings(cfg: SFTConfig, tokenizer) -> dict[str, Any]:
         "data.packing": d.packing, "data.mix_by": d.mix_by, "tokenizer": tokenizer_fingerprint(tokenizer),
         "data.sources": [s.name for s in d.sources],
     }
+    settings["model"] = model_identity(cfg)
     for s in d.sources:
         settings[f"data.sources[{s.name}].weight"] = s.weight
         settings[f"data.sources[{s.name}].processing"] = cache_key(s, d, "", max_length=t.max_length, seed=t.seed,
                                                                    with_files=False)
     return settings
+
+
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")
+
+
+def model_identity(cfg: SFTConfig) -> str:
+    """What the checkpoint's weights must fit: the model's shape (from its config, not its path, so that a
+    moved local copy still resumes) and the adapter. A checkpoint of another model would otherwise fail deep
+    inside DeepSpeed with a tensor-shape mismatch, after the model was loaded.
+
+    Example:
+        >>> from sftdist.config import ModelConfig
+        >>> model_identity(SFTConfig(model=ModelConfig(tokenizer="t", from_config={"model_type": "llama",
+        ...                                                                     "hidden_size": 64})))
+        'llama hidden_size=64; full fine-tuning'
+    """
+    m, p = cfg.model, cfg.peft
+    if m.from_config:
+        shape = dict(m.from_config)
+    else:
+        try:
+            from transformers import AutoConfig
+
+            shape = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision,
+                                               trust_remote_code=m.trust_remote_code).to_dict()
+        except Exception:  # noqa: BLE001 - unreadable here: the name is the best identity left
+            shape = {"model_type": m.name_or_path}
+    text = " ".join([str(shape.get("model_type")), *(f"{k}={shape[k]}" for k in SHAPE_KEYS[1:] if k in shape)])
+    adapter = "full fine-tuning" if p.method == "none" else \
+        f"{p.method} r={p.r} targets={sorted(p.target_modules)} dora={p.use_dora}"
+    return f"{text}; {adapter}"
 
 
 def data_summary(stats: dict[str, dict]) -> dict[str, Any]:
@@ -60,7 +93,7 @@ def check_unchanged(saved: dict[str, Any], now: dict[str, Any], *, checkpoint: s
     changed = differences(saved, now)
     if changed and not allow:
         raise ConfigError(
-            f"cannot resume from {checkpoint}: this run differs from the one that wrote it in what each step "
-            f"trains on ({'; '.join(changed)}). Resume with the same settings, start a new output_dir, or set "
-            f"train.resume_allow_changes=true to resume anyway")
+            f"cannot resume from {checkpoint}: this run differs from the one that wrote it in its model or in what "
+            f"each step trains on ({'; '.join(changed)}). Resume with the same settings, start a new output_dir, or "
+            f"set train.resume_allow_changes=true to resume anyway")
     return changed

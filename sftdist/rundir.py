@@ -5,6 +5,7 @@ overwritten unless ``train.overwrite=true``, and even then not a run that can re
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,7 @@ from sftdist.checkpoint import CHECKPOINTS, latest_checkpoint, step_of
 from sftdist.config import ConfigError
 from sftdist.logging import log
 from sftdist.parallel import is_main
+from sftdist.redact import redact, redact_yaml
 
 RUN_MARKERS = ("metrics.jsonl", "final", "checkpoints")
 STEP_LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON object per line, each with its "step"
@@ -49,11 +51,30 @@ def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[P
                       f"checkpoint with train.resume=PATH, or set train.overwrite=true to replace it")
 
 
+def check_writable(run_dir: Path) -> None:
+    """Fail before any expensive work when ``output_dir`` cannot be created or written (a path under a file, a
+    read-only or foreign directory), instead of after the data stage or at the first checkpoint.
+
+    Raises:
+        ConfigError: naming output_dir and the part of the path that is in the way.
+    """
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir={run_dir} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "output_dir" if existing == run_dir else f"its parent {existing}"
+        raise ConfigError(f"output_dir={run_dir} is not writable ({what} does not allow this user to write); "
+                          f"choose another output_dir")
+
+
 def clean_partial_saves(run_dir: Path) -> list[Path]:
-    """Remove what crashed saves left (``checkpoints/*.tmp``, ``final.tmp``); call before anything writes."""
+    """Remove what crashed saves left (``checkpoints/*.tmp``, ``final.tmp``, ``final_merged.tmp``); call
+    before anything writes."""
     if not is_main():
         return []
-    partial = [*(run_dir / CHECKPOINTS).glob("*.tmp"), *run_dir.glob("final.tmp")]
+    partial = [*(run_dir / CHECKPOINTS).glob("*.tmp"), *run_dir.glob("final*.tmp")]
     for path in partial:
         if path.is_dir():
             shutil.rmtree(path)
@@ -116,8 +137,9 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume_step: Optional[int
         if resume_step is not None and (run_dir / name).exists():
             rows = rows_up_to((run_dir / name).read_text(), resume_step)
             (run_dir / name).write_text("".join(r + "\n" for r in rows))
-    (run_dir / "config.yaml").write_text(config_yaml)
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    # Secrets a config value resolved to (e.g. ${oc.env:HF_TOKEN}) never reach the run directory.
+    (run_dir / "config.yaml").write_text(redact_yaml(config_yaml))
+    (run_dir / "ds_config.json").write_text(json.dumps(redact(ds_config), indent=2) + "\n")
 
 
 def rows_up_to(text: str, step: int) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sftdist.config import DataConfig
-from sftdist.data.audit import audit_source, template_warnings
+from sftdist.data.audit import audit_source, check_chat_template, template_warnings
 # (aliased: a bare `collate` here would replace the submodule sftdist.data.collate on the package)
 from sftdist.data.collate import collate as collate_rows, collate_packed
 from sftdist.data.loader import SampleSchedule, mix_counts
@@ -71,6 +71,7 @@ def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: 
 
 def prepare_all(cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> list[Path]:
     """Build (or find) the cache entry of every source; returns their directories in config order."""
+    check_chat_template(cfg, tokenizer)
     return [prepare_source(s, cfg, tokenizer, max_length=max_length, seed=seed) for s in cfg.sources]
 
 

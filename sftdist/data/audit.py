@@ -3,15 +3,16 @@ with the rules of ``sftdist.data.mask_rules``, which locate messages independent
 re-rendering with sentinels, not by searching the reply text).
 
 A failure stops the run with the source, record, tokenizer, template family and broken rule. A template
-that has no end-of-turn token is not an error (its replies are still exact), but the model cannot learn
-to stop, so the audit warns once.
+that has no end-of-turn token stops the run before tokenisation (``check_chat_template``): its replies would
+still be exact, but the model could not learn to stop. With ``data.require_end_of_turn=false`` the audit
+only warns, once.
 """
 
 from __future__ import annotations
 
 import random
 
-from sftdist.config import DataSource
+from sftdist.config import DataConfig, DataSource
 from sftdist.data.mask_rules import MaskProblem, check_masks
 from sftdist.data.messages import DataError, to_conversation
 from sftdist.data.sources import read_records
@@ -45,6 +46,29 @@ def template_warnings(tokenizer) -> list[str]:
         return [f"chat template ({shape.family}) has no end-of-turn token: nothing special closes a reply, so "
                 f"the model will not learn to stop (add an EOS/end-of-turn token to the template)"]
     return []
+
+
+def check_chat_template(cfg: DataConfig, tokenizer) -> None:
+    """Before any tokenisation: chat sources need a chat template, and one that closes each reply with an
+    end-of-turn token (unless ``data.require_end_of_turn=false``).
+
+    Raises:
+        DataError: naming the sources, the tokenizer and how to supply a template.
+    """
+    chat = [f"{s.name} ({s.format})" for s in cfg.sources if s.format != "text"]
+    if not chat:
+        return
+    name = tokenizer.name_or_path
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"data sources {', '.join(chat)} are conversations, but tokenizer {name!r} has no chat "
+                        f"template: use the tokenizer of a chat/instruct model (model.tokenizer=...), or give one "
+                        f"with model.chat_template=FILE.jinja (or the template text)", "no_chat_template")
+    shape = template_shape(tokenizer)
+    if shape.end_of_turn is None and not shape.probe_error and cfg.require_end_of_turn:
+        raise DataError(f"the chat template of tokenizer {name!r} ({shape.family}) renders no end-of-turn token "
+                        f"after an assistant reply, so the model would never learn to stop: end each assistant turn "
+                        f"with an EOS/end-of-turn token (e.g. {{{{ eos_token }}}}) in model.chat_template=FILE.jinja, "
+                        f"or set data.require_end_of_turn=false to train anyway", "no_end_of_turn")
 
 
 def audit_source(source: DataSource, tokenizer, *, train_on: str, samples: int, seed: int) -> int:

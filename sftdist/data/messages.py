@@ -176,12 +176,26 @@ def _checked(messages: list[dict[str, Any]], where: str) -> list[dict[str, Any]]
 
 def _list(row: dict[str, Any], name: str, columns: dict[str, str] | None, where: str) -> list:
     key, value = _key(name, columns), _get(row, name, columns)
+    if value is None:
+        raise _absent(row, key, name, where, f"expected a non-empty {key!r} list")
     if not isinstance(value, list):
-        got = "nothing" if value is None else type(value).__name__
-        raise DataError(f"{where}: expected a non-empty {key!r} list, got {got}", "missing_field")
+        raise DataError(f"{where}: expected a non-empty {key!r} list, got {type(value).__name__}", "missing_field")
     if not value:
         raise DataError(f"{where}: expected a non-empty {key!r} list, got an empty list", "empty_conversation")
     return value
+
+
+def _absent(row: Any, key: str, name: str, where: str, what: str) -> DataError:
+    """A missing-field error that lists the fields the record does have, and how to map one.
+
+    Example:
+        >>> print(_absent({"conversation": [], "id": 1}, "messages", "messages", "a.jsonl: line 1", "missing field 'messages'"))
+        a.jsonl: line 1: missing field 'messages'; the record has fields ['conversation', 'id'] (map one with data.sources[].columns, e.g. columns.messages=conversation)
+    """
+    fields = list(row) if isinstance(row, dict) else []
+    example = f"columns.{name}={fields[0]}" if fields else f"columns.{name}=<field>"
+    return DataError(f"{where}: {what}; the record has fields {fields} (map one with data.sources[].columns, e.g. "
+                     f"{example})", "missing_field")
 
 
 def _string(row: dict[str, Any], name: str, columns: dict[str, str] | None, where: str,
@@ -190,7 +204,7 @@ def _string(row: dict[str, Any], name: str, columns: dict[str, str] | None, wher
     if value is None and not required:
         return ""
     if value is None:
-        raise DataError(f"{where}: missing field {key!r}", "missing_field")
+        raise _absent(row, key, name, where, f"missing field {key!r}")
     if not isinstance(value, str):
         raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}",
                         "non_string_content")

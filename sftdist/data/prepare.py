@@ -85,6 +85,11 @@ def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: st
     if len(enc["input_ids"]) > max_length:
         if truncation == "drop":
             return {**empty, "status": "dropped_too_long", "error": ""}
+        if truncation == "error":
+            return {**empty, "status": "too_long",
+                    "error": f"{where}: {len(enc['input_ids'])} tokens, over train.max_length={max_length} "
+                             f"(data.truncation=error): raise train.max_length, or set data.truncation=truncate "
+                             f"or drop"}
         enc = {k: v[:max_length] for k, v in enc.items()}
         status = "truncated"
     labels = enc["labels"]

@@ -50,6 +50,8 @@ def test_sweep_presets_and_slurm_launcher_compose():
     assert {k: launcher[k] for k in ("partition", "timeout_min", "tasks_per_node", "gpus_per_node", "nodes")} == \
         {"partition": "p1", "timeout_min": 26 * 60, "tasks_per_node": 2, "gpus_per_node": 2, "nodes": 3}
     assert launcher["_target_"].endswith("SlurmLauncher")
+    # srun --kill-on-bad-exit=1 for a sweep point's tasks: one dead rank ends the step
+    assert "SLURM_KILL_BAD_EXIT=1" in launcher["additional_parameters"]["export"].split(",")
 
 
 def test_defaults():
@@ -67,7 +69,8 @@ def test_command_line_mix():
 
 @pytest.mark.parametrize("override,error,match", [
     (["train.lr=fast"], ConfigCompositionException, "train.lr"),
-    (["train.not_a_key=1"], ConfigCompositionException, "not_a_key"),
+    (["train.not_a_key=1"], ConfigError, r"unknown config key 'train.not_a_key' \(train has: max_steps, "),
+    (["train.early_stoping.patience=2"], ConfigError, "did you mean train.early_stopping.patience"),
     (["parallelism=zero9"], ConfigCompositionException, "zero9"),
 ])
 def test_bad_overrides_fail_while_composing(override, error, match):

@@ -156,7 +156,7 @@ def test_docstring_examples(module):
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_template_without_end_of_turn_token_trains_with_a_warning(tmp_path, demo_tokenizer):
+def test_template_without_end_of_turn_token_is_refused_or_trains_with_a_warning(tmp_path, demo_tokenizer):
     import copy
 
     tok = copy.deepcopy(demo_tokenizer)
@@ -164,7 +164,10 @@ def test_template_without_end_of_turn_token_trains_with_a_warning(tmp_path, demo
     tok.chat_template = ("{%- for m in messages %}{{- m['role'] + ':\\n' + m['content'] + '\\n\\n' }}{%- endfor %}"
                          "{%- if add_generation_prompt %}{{- 'assistant:\\n' }}{%- endif %}")
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 3)
-    data = build(data_cfg(tmp_path, DataSource(name="c", path=path)), tok)
+    with pytest.raises(DataError, match="renders no end-of-turn token.*data.require_end_of_turn=false") as e:
+        build(data_cfg(tmp_path, DataSource(name="c", path=path)), tok)
+    assert e.value.reason == "no_end_of_turn" and not (tmp_path / "cache").exists()  # before any tokenising
+    data = build(data_cfg(tmp_path, DataSource(name="c", path=path), require_end_of_turn=False), tok)
     assert data.sources[0].stats["audited"] == 3
     assert len(data.warnings) == 1 and "has no end-of-turn token" in data.warnings[0]
     row = data.get(0, 0)
