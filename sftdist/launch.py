@@ -8,6 +8,7 @@ The launcher builds commands and does not train: nothing here imports torch, Dee
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -48,12 +49,30 @@ def launcher_command(launch: LaunchConfig, overrides: list[str], *, nproc: int) 
     port = launch.master_port if launch.nnodes > 1 else free_port()  # concurrent local runs never collide
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port)]
     if launch.hostfile:  # ssh fan-out from this node to every host of the hostfile
-        cmd += ["--hostfile", launch.hostfile, "--master_addr", launch.master_addr]
+        # --force_multi: the pdsh path (pdsh_arg) even for a one-host hostfile, whose local path would pass
+        # the quoting on literally.
+        cmd += ["--hostfile", launch.hostfile, "--master_addr", launch.master_addr, "--force_multi"]
+        overrides = [pdsh_arg(o) for o in overrides]
     elif launch.nnodes > 1:
         # One launcher per node (e.g. one srun task per node), no ssh fan-out from a hostfile.
         cmd += ["--num_nodes", str(launch.nnodes), "--node_rank", str(launch.node_rank),
                 "--master_addr", launch.master_addr, "--no_ssh"]
     return cmd + ["--no_local_rank", "--module", "sftdist.train", *overrides]
+
+
+def pdsh_arg(arg: str) -> str:
+    """``arg`` encoded for DeepSpeed's pdsh runner, so that each host's shell hands it to the script unchanged.
+
+    That runner joins the script's arguments into one command line that the remote shell reads. It leaves an
+    argument without a space as it is (``;``, ``$(...)`` would run there) and wraps one with a space in double
+    quotes, escaping only ``"`` (``$``, backticks and ``\\`` would still act). So: an argument without a space
+    is shell-quoted here; in one with a space, the characters still live in double quotes are escaped.
+
+    Example:
+        >>> pdsh_arg("run_name=$(reboot)"), pdsh_arg("run_name=a `b` $c")
+        ("'run_name=$(reboot)'", 'run_name=a \\\\`b\\\\` \\\\$c')
+    """
+    return shlex.quote(arg) if " " not in arg else re.sub(r"([\\$`])", r"\\\1", arg)
 
 
 def resolve_launch(overrides: list[str]) -> tuple[SFTConfig, list[str]]:
@@ -70,12 +89,12 @@ def submit_slurm(cfg: SFTConfig, overrides: list[str], *, dry_run: bool, wait: b
     submit them; ``--dry-run`` prints them instead, ``--wait`` waits for the training job and returns its
     exit status."""
     launch, run_dir = cfg.launch, Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     common = dict(python=sys.executable, cwd=Path.cwd(), overrides=overrides, run_dir=run_dir,
                   job_name=job_name_of(launch, cfg.run_name, run_dir))
-    scripts = [("job.sbatch", train_script(launch, **common))]
+    scripts = [("job.sbatch", train_script(launch, **common))]  # refuses values that could break out first
     if launch.prepare_first:
         scripts.insert(0, ("prepare.sbatch", prepare_script(launch, **common)))
+    run_dir.mkdir(parents=True, exist_ok=True)
     for name, text in scripts:
         (run_dir / name).write_text(text)
         print(f"wrote {run_dir / name}", flush=True)
@@ -118,7 +137,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
         sys.exit(f"sftdist-launch: error: {e}")
     if cfg.launch.launcher == "slurm":
-        sys.exit(submit_slurm(cfg, pinned, dry_run="--dry-run" in flags, wait="--wait" in flags))
+        try:
+            sys.exit(submit_slurm(cfg, pinned, dry_run="--dry-run" in flags, wait="--wait" in flags))
+        except ConfigError as e:
+            sys.exit(f"sftdist-launch: error: {e}")
     if "--wait" in flags:
         sys.exit(f"sftdist-launch: --wait is for launch=slurm; {USAGE}")
     cmd = launcher_command(cfg.launch, pinned, nproc=cfg.launch.nproc_per_node or default_nproc())

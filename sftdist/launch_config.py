@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -49,6 +50,10 @@ class LaunchConfig:
             value = getattr(self, key)
             if value is not None and (not str(value).strip() or any(c in str(value) for c in "\n\r\0")):
                 raise ConfigError(f"launch.{key}={value!r}: must be one non-empty line")
+        for key in ("master_addr", "rdzv_endpoint"):  # DeepSpeed's pdsh runner puts master_addr in a shell line
+            value = getattr(self, key)
+            if value is not None and not re.fullmatch(r"[A-Za-z0-9._:\[\]-]+", value):
+                raise ConfigError(f"launch.{key}={value!r}: must be a host name or address (optionally :port)")
         for key in ("sbatch_extra", "setup"):
             if any(any(c in line for c in "\n\r\0") for line in getattr(self, key)):
                 raise ConfigError(f"launch.{key}: give one list item per line, without line breaks")

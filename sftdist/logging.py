@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 from sftdist.config import LoggingConfig
 from sftdist.parallel import is_main
+from sftdist.redact import redact, redact_text
 
 _START = time.time()
 _writer: Optional[Callable[[str], None]] = None  # a progress bar's write(), while one is on screen
@@ -25,7 +26,7 @@ LEGACY_PREFIXES = ("loss/", "supervised_tokens/", "eval_loss/", "eval_supervised
 def log(msg: str) -> None:
     """Print one line on rank 0 (every other rank stays silent)."""
     if is_main():
-        line = f"[sftdist {time.time() - _START:7.1f}s] {msg}"
+        line = f"[sftdist {time.time() - _START:7.1f}s] {redact_text(msg)}"  # console logs get shared
         if _writer is not None:
             _writer(line)
         else:
@@ -73,7 +74,7 @@ class MetricsLogger:
         run_dir: The run directory.
         cfg: The logging config group.
         run_name: W&B run name.
-        config: The resolved run config, stored with the W&B run.
+        config: The resolved run config, stored with the W&B run (secrets redacted, see ``redact``).
     """
 
     def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict[str, Any]):
@@ -88,9 +89,11 @@ class MetricsLogger:
 
             directory = wandb_dir(cfg, run_dir)
             directory.mkdir(parents=True, exist_ok=True)
-            self._wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group,
-                                     tags=list(cfg.wandb_tags), name=run_name, mode=cfg.wandb_mode,
-                                     dir=str(directory), config=config)
+            # Everything W&B stores from the config is scrubbed of secrets (a value may be ${oc.env:HF_TOKEN}).
+            group, tags = redact([cfg.wandb_group, list(cfg.wandb_tags)])
+            self._wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=group, tags=tags,
+                                     name=redact_text(run_name), mode=cfg.wandb_mode, dir=str(directory),
+                                     config=redact(config))
 
     def write(self, metrics: dict[str, Any]) -> None:
         """Record one optimizer step's metrics (must contain ``step``)."""

@@ -8,8 +8,10 @@ S seconds before the time limit: every rank finishes its step, the job checkpoin
 and the requeued job resumes (``train.resume=auto``).
 
 Every value that comes from the config is shell-quoted (``shlex.quote``) where the shell reads it, and
-``#SBATCH`` values are single lines (``LaunchConfig`` refuses line breaks), so no config value can run code.
-``launch.setup`` lines are shell code on purpose: the user's own ``module load`` or ``source`` lines.
+``#SBATCH`` values are single lines (``LaunchConfig`` refuses line breaks, ``sbatch_header`` checks every line
+again, output_dir included), so no config value can run code. ``launch.setup`` lines are shell code on
+purpose: the user's own ``module load`` or ``source`` lines (source a file for secrets: these lines are
+written into job.sbatch and config.yaml).
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ import re
 import shlex
 from pathlib import Path
 
-from sftdist.config import LaunchConfig
+from sftdist.config import ConfigError, LaunchConfig
+from sftdist.redact import redact_text
 
 
 def job_name_of(launch: LaunchConfig, run_name: str | None, run_dir: Path) -> str:
     """``launch.job_name``, else the run name, else the run directory's name, with only ``[A-Za-z0-9._-]``.
 
+    Every user of the cluster sees job names (squeue): a secret that a name resolved to is redacted first.
+
     Example:
         >>> job_name_of(LaunchConfig(), 'x"; touch /tmp/pwned; "', Path("/runs/a"))
         'x___touch__tmp_pwned___'
     """
-    name = launch.job_name or run_name or run_dir.name or "sftdist"
+    name = redact_text(launch.job_name or run_name or run_dir.name or "sftdist")
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]
 
 
@@ -47,7 +52,12 @@ def sbatch_header(launch: LaunchConfig, *, job_name: str, log: Path, nodes: int,
     lines += [f"--{k}={v}" for k, v in options.items() if v is not None]
     if gpus and launch.gpus_per_node:
         lines.append(f"--gpus-per-node={launch.gpus_per_node}")
-    return ["#SBATCH " + line for line in [*lines, *launch.sbatch_extra]]
+    lines += launch.sbatch_extra
+    # A line break would end the #SBATCH comment and start a shell line: output_dir (in --output) is not a
+    # LaunchConfig field, so it is checked here, with every other value, once more.
+    if bad := [line for line in lines if any(c in line for c in "\n\r\0")]:
+        raise ConfigError(f"#SBATCH {bad[0]!r}: a value holds a line break (output_dir, launch.*); use one line")
+    return ["#SBATCH " + line for line in lines]
 
 
 def _script(header: list[str], launch: LaunchConfig, cwd: Path, body: list[str], what: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from sftdist.config import DataSource
-from sftdist.data.demo import resolve_builtin
+from sftdist.data.demo import cache_root, resolve_builtin
 from sftdist.data.messages import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -16,6 +16,10 @@ EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 def source_files(path: str) -> list[Path]:
     """The local files behind ``path``: the file itself, or every supported file in a folder (sorted).
+
+    A file that a symlink in the folder points to is read, wherever it lies: someone placed that link there.
+    A symlinked sub-folder is not descended into (``rglob`` does not follow them): no loops, and no tree
+    that nobody named. Nothing is ever written in or beside data folders (see ``prepare``).
 
     Raises:
         DataError: for an unsupported extension or a folder without supported files.
@@ -67,7 +71,11 @@ def _read_json(f: Path) -> Iterator[tuple[str, Any]]:
 def _read_with_datasets(builder: str, files: list[str], **kwargs) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    # Streamed: rows come straight from the user's file. Otherwise datasets writes an Arrow copy of the whole
+    # file into its own cache (~/.cache/huggingface/datasets, often a small home quota) that nothing cleans
+    # up; the lock files it still takes go under sftdist's cache, not there.
+    ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
+                               cache_dir=str(cache_root() / "hf-datasets"), **kwargs)
     for i, row in enumerate(ds):
         yield f"{files[0] if len(files) == 1 else files}: record {i}", row
 
@@ -113,7 +121,9 @@ def _read_hub(source: DataSource, path: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(path, name=source.config, split=source.split, revision=source.revision)
+        # Never a hub loading script: datasets 3.x runs one only with trust_remote_code=True, 4.x+ not at all.
+        ds = datasets.load_dataset(path, name=source.config, split=source.split, revision=source.revision,
+                                   trust_remote_code=False)
     except Exception as e:  # the hub client raises many types; all mean "cannot get this data set"
         raise DataError(f"data source {source.name!r}: cannot load hub dataset {path!r} "
                         f"(config={source.config}, split={source.split}): {e}", "missing_file") from e

@@ -1,6 +1,6 @@
 """What a user watches, end to end on CPU: the per-step metrics, the step-0 baseline and the forgetting
 deltas, sample generations, the console, an offline W&B run read back with wandb's own reader, secrets kept
-out of everything the run writes, and early stopping."""
+out of everything the run writes (also when config values resolve to them), and early stopping."""
 
 import json
 import subprocess
@@ -13,6 +13,9 @@ from tests.conftest import FAST, read_metrics, train_single
 from tests.smoke.test_train_cpu import eval_loss_of_export
 
 SOURCES = ("demo_chat", "demo_generic")
+# Config values that resolve to secrets: sftdist writes and logs ${oc.env:NAME} in their place (redact.py).
+SECRET_VALUES = ["run_name=obs-${oc.env:HF_TOKEN}", "logging.wandb_tags=[t-${oc.env:WANDB_API_KEY}]",
+                 "logging.wandb_group=g-${oc.env:HUGGING_FACE_HUB_TOKEN}"]
 FAKE_SECRETS = {"WANDB_API_KEY": "fakewandbkey" + "0123456789abcdef" * 2 + "0123",
                 "HF_TOKEN": "hf_FakeSecretForTheLeakTest8c1d2e3f", "HUGGING_FACE_HUB_TOKEN": "hf_OtherFakeSecret77a6b5"}
 
@@ -30,7 +33,7 @@ def watched_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("obs") / "run"
     proc = train_single([*FAST, "train.max_steps=4", "train.eval_every=2", "logging=wandb_offline",
                          "logging.log_every=2", "logging.samples=1", "logging.sample_max_new_tokens=8",
-                         f"output_dir={run_dir}"], env={**FAKE_SECRETS, "WANDB_DIR": ""})
+                         *SECRET_VALUES, f"output_dir={run_dir}"], env={**FAKE_SECRETS, "WANDB_DIR": ""})
     return run_dir, proc
 
 
@@ -106,6 +109,8 @@ def test_secrets_never_reach_disk_or_console(watched_run):
     assert len(blobs) > 10
     for name, secret in FAKE_SECRETS.items():
         assert not any(secret.encode() in blob for blob in blobs), f"{name} leaked"
+    # the env values were planted in the config (SECRET_VALUES) and redacted where it is saved
+    assert "run_name: obs-${oc.env:HF_TOKEN}" in (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("save", ["best", "last"])
