@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from sftdist.checkpoint import CheckpointError
 from sftdist.config import ConfigError
 from sftdist.peft import merge_adapter
 
@@ -19,7 +20,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         out = merge_adapter(args.run_dir.absolute())
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         sys.exit(f"sftdist-export: error: {e}")
     print(f"merged model written to {out}")
 

@@ -4,12 +4,14 @@ config builder and the engine wrapper. DeepSpeed is imported only inside functio
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from sftdist.build_locks import use_env_extensions_dir
 from sftdist.config import ParallelConfig, TrainConfig, grad_accum_steps
 from sftdist.hostinfo import free_port
 
@@ -19,11 +21,24 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def init_distributed() -> None:
+def init_distributed(*, timeout_s: float = 1800.0) -> None:
     """Join the process group that the launcher set up, or make a one-process group without a launcher.
 
     ``python -m sftdist.train`` runs without torchrun; DeepSpeed still needs a process group, and without
-    the launcher's variables it would go looking for MPI.
+    the launcher's variables it would go looking for MPI. DeepSpeed's ops are built in this environment's
+    own directory (``build_locks.use_env_extensions_dir``).
+
+    A collective that waits ``timeout_s`` for a peer fails, so a rank that died or hung ends the job instead
+    of stalling the others forever. gloo raises at once when a peer's connection closes, and after
+    ``timeout_s`` when a peer is alive but silent. NCCL aborts a timed-out collective from its watchdog
+    thread only with async error handling on (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, set to 1 here unless the
+    user set it; torch >= 2.2 defaults to 3, also on), otherwise its ranks would wait in the kernel forever.
+
+    Args:
+        timeout_s: Seconds before a collective without an answer fails (``parallelism.collective_timeout_s``).
+            It also becomes the default of the groups made later without a timeout of their own: DeepSpeed
+            runs its gradient reductions on such a group (a clone of the world), which would otherwise get
+            torch's default (30 min for gloo, 10 min for NCCL). ``_slow_group`` keeps its day.
     """
     if dist.is_initialized():
         return
@@ -33,9 +48,15 @@ def init_distributed() -> None:
             MASTER_PORT=str(free_port())))
     if has_gpu():
         torch.cuda.set_device(local_rank())
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # read when the NCCL group is made
+    use_env_extensions_dir()  # before DeepSpeed loads its first op (the shm all-reduce, just below)
     import deepspeed
+    from torch.distributed import distributed_c10d
 
-    deepspeed.init_distributed(dist_backend="nccl" if has_gpu() else "gloo")
+    timeout = timedelta(seconds=timeout_s)
+    # torch has no public setter for the default of later groups; new_group reads these module values.
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if has_gpu() else "gloo", timeout=timeout)
 
 
 def slurm_rank_env(env) -> Optional[dict[str, str]]:
@@ -56,6 +77,39 @@ def slurm_rank_env(env) -> Optional[dict[str, str]]:
     return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
             "LOCAL_WORLD_SIZE": per_node.split("(")[0].split(",")[0], "MASTER_ADDR": addr,
             "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 40000)}
+
+
+def lost_peer(error: BaseException, *, timeout_s: float) -> Optional[str]:
+    """What a collective's failure says about the other ranks, or None for any other error.
+
+    gloo raises a plain ``RuntimeError`` whose message names its transport file, so the message is all there
+    is to tell a lost peer from a bug. The survivor says it in one line; which rank died first is in the
+    launcher's report (torchrun's "Root Cause", SLURM's task exit).
+
+    Example:
+        >>> lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"), timeout_s=9)
+        'a peer rank is gone (its connection closed: it died, or was killed)'
+        >>> lost_peer(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out"), timeout_s=9)
+        'no answer from a peer rank for 9 s (parallelism.collective_timeout_s): it hung, or is far behind'
+        >>> lost_peer(RuntimeError("shape mismatch"), timeout_s=9) is None
+        True
+    """
+    text = str(error)
+    if not isinstance(error, dist.DistError) and "gloo/transport" not in text:
+        return None
+    if "Timed out" in text or "timed out" in text:
+        return (f"no answer from a peer rank for {timeout_s:g} s (parallelism.collective_timeout_s): it "
+                f"hung, or is far behind")
+    return "a peer rank is gone (its connection closed: it died, or was killed)"
+
+
+def report_lost_peer(error: BaseException, *, timeout_s: float) -> None:
+    """Say on stderr, on every rank (the first to notice may not be rank 0), when ``error`` is a collective
+    that failed for a lost peer; the caller re-raises it."""
+    if why := lost_peer(error, timeout_s=timeout_s):
+        print(f"sftdist rank {rank()}: error: a collective failed, {why}; this rank stops too (the "
+              f"launcher's report or the other ranks' logs name the rank that failed first)", file=sys.stderr,
+              flush=True)
 
 
 def _first_host(nodelist: str) -> str:

@@ -6,6 +6,7 @@ and hands typed groups to the builders. ``train_loop()`` is shared by full fine-
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -15,13 +16,15 @@ from typing import Optional
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sftdist import attention
 from sftdist.build_locks import clear_stale_build_locks
-from sftdist.checkpoint import (checkpoint_step, load_checkpoint, needs_universal, save_checkpoint, save_final,
-                                saved_state, saved_world_size, universal_checkpoint)
+from sftdist.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, load_checkpoint, needs_universal,
+                                save_checkpoint, save_final, saved_state, saved_world_size, universal_checkpoint)
 from sftdist.config import ConfigError, SFTConfig, grad_accum_steps, register_configs, validate
+from sftdist.config_overrides import check_override_keys, prefer_named_model
 from sftdist.data import DataError, TrainData, build_datasets, build_schedule, make_batch, prepare_all
 from sftdist.data.loader import SampleSchedule
 from sftdist.evaluation import EvalPlan, EvalTracker, per_source_metrics
@@ -29,15 +32,17 @@ from sftdist.logging import MetricsLogger, log
 from sftdist.forward import LossHead
 from sftdist.loss import backward_scale, per_source_sums
 from sftdist.model import build_model, load_tokenizer
+from sftdist.nonfinite import NonFiniteError, NonFiniteGuard, hold_stage0_update, stop_message
 from sftdist.optim import lr_multiplier, param_groups, warmup_steps
 from sftdist.parallel import (all_reduce_sum, barrier, broadcast_from_main, build_ds_config, device, has_gpu,
-                              init_distributed, is_main, local_main_first, main_only, rank, resolve_precision,
-                              shutdown, stage0_grad_norm, world_size, wrap_with_deepspeed, zero3_init_context)
+                              init_distributed, is_main, local_main_first, main_only, rank, report_lost_peer,
+                              resolve_precision, shutdown, stage0_grad_norm, world_size, wrap_with_deepspeed,
+                              zero3_init_context)
 from sftdist.progress import Progress
-from sftdist.preemption import install_stop_handlers, received, requeue_after
+from sftdist.preemption import exit_code, install_stop_handlers, received, record_stop, requeue_after
 from sftdist.peft import apply_peft, merge_adapter, trainable_summary
 from sftdist.resume_check import data_summary, run_settings
-from sftdist.rundir import clean_partial_saves, prepare_run_dir, resolve_resume, retire_newer_checkpoints
+from sftdist.rundir import check_writable, clean_partial_saves, prepare_run_dir, resolve_resume, retire_newer_checkpoints
 from sftdist.samples import sample_prompts
 from sftdist.startup import check_same_run, choose_head, log_data_report, log_summary
 from sftdist.step_metrics import StepMeter, batch_counts
@@ -76,12 +81,17 @@ class Saving:
 
 def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step: int, max_steps: int,
                micro_batch_size: int, pad_id: int, packed: bool, head: LossHead, metrics: MetricsLogger,
-               meter: StepMeter, progress: Progress, evals: EvalPlan, saving: Saving, stop: StopRule) -> LoopResult:
+               meter: StepMeter, progress: Progress, evals: EvalPlan, saving: Saving, stop: StopRule,
+               guard: NonFiniteGuard) -> LoopResult:
     """Run optimizer steps ``start_step`` .. ``max_steps - 1``, or stop early with a checkpoint by ``stop``.
 
     Each step: fetch this rank's micro-batches, count the supervised tokens of the whole step over all
     ranks (one all-reduce), then forward / token losses / backward per micro-batch, scaled so the gradient
     is that of the mean over every supervised token in the step.
+
+    Raises:
+        NonFiniteError: at a NaN/inf loss or grad norm that ``guard`` does not skip, before that step is
+            evaluated or saved.
     """
     rank_, world, dev = rank(), world_size(), device()
     grad_accum = engine.gradient_accumulation_steps()
@@ -114,6 +124,8 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
             engine.backward(token_losses.sum() * scale)
             if stage0 and engine.is_gradient_accumulation_boundary():
                 grad_norm = stage0_grad_norm(engine)
+                # ZeRO 1-3 drop a non-finite update themselves; ZeRO-0 is told to (nonfinite.py)
+                hold_stage0_update(engine, guard.skips and not math.isfinite(grad_norm))
             # 5. DeepSpeed counts micro-steps inside step() and updates only at the accumulation boundary.
             engine.step()
             sums += per_source_sums(token_losses, batch["token_source"][mask], num_sources)
@@ -134,6 +146,17 @@ def train_loop(engine, data: TrainData, schedule: SampleSchedule, *, start_step:
                **meter.metrics(supervised=int(global_supervised), tokens=int(global_tokens), slots=int(global_slots),
                                attention=int(global_attention), seconds=time.time() - step_start),
                "elapsed_s": time.time() - start, **per_source_metrics("loss", data.names, totals)}
+        # A NaN/inf loss or grad norm (the same on every rank): skip the update DeepSpeed dropped, or stop
+        # before this state is evaluated or saved (nonfinite.py).
+        verdict = guard.check(step=step + 1, loss=loss, grad_norm=row["grad_norm"],
+                              source_losses={n: row[f"loss/{n}"] for n in data.names},
+                              update_applied=engine.was_step_applied())
+        if verdict == "skipped":
+            row["skipped_nonfinite"] = 1
+            log(f"step {step + 1}: non-finite loss or grad_norm, update skipped (train.on_nonfinite=skip)")
+        elif verdict:
+            metrics.write(row)
+            raise NonFiniteError(stop_message(verdict, latest_checkpoint(saving.run_dir)))
         last, improved, early_stop = step + 1 == max_steps, False, None
         if evals.due(step + 1, last):
             entries, improved, early_stop = evals.run(engine, data, head, step=step + 1, metrics=metrics)
@@ -186,10 +209,11 @@ def run(cfg: SFTConfig) -> Path:
     started = time.time()
     t = cfg.train
     clear_stale_build_locks(cfg.parallelism.build_lock_stale_s)  # before DeepSpeed builds or loads any op
-    init_distributed()
+    init_distributed(timeout_s=cfg.parallelism.collective_timeout_s)
     gpu, world = has_gpu(), world_size()
     validate(cfg, dp_world=world, has_gpu=gpu)
     run_dir = Path(broadcast_from_main(str(Path(cfg.output_dir).absolute())))  # one directory for all ranks
+    check_writable(run_dir)
     for path in clean_partial_saves(run_dir):
         log(f"removed {path}, left by a save that crashed")
     resume_from = resolve_resume(run_dir, resume=t.resume, overwrite=t.overwrite)
@@ -226,14 +250,15 @@ def run(cfg: SFTConfig) -> Path:
         resume_from = main_only(lambda: universal_checkpoint(resume_from))
         ds_config["checkpoint"] = {"load_universal": True}
         log(f"checkpoint written by {written_by} rank(s), resuming on {world}: converted to {resume_from}")
+    engine, model = build_engine(cfg, tokenizer, ds_config, precision=precision, max_steps=max_steps)
+    # Only now, with the model loaded and its adapter applied, is the run sure to start: a failure before
+    # this point leaves an existing output_dir as it was.
     cfg.output_dir = str(run_dir)
     prepare_run_dir(run_dir, overwrite=t.overwrite, resume_step=resume_step,
                     config_yaml=OmegaConf.to_yaml(cfg), ds_config=ds_config)
     if resume_step is not None and (aside := retire_newer_checkpoints(run_dir, resume_step)):
         log(f"resuming from step {resume_step}: moved this run's later checkpoints aside to {aside} "
             f"(no longer resumed or counted by keep_last; delete them when not needed)")
-
-    engine, model = build_engine(cfg, tokenizer, ds_config, precision=precision, max_steps=max_steps)
     start_step = load_checkpoint(engine, resume_from) if resume_from else 0
     if resume_from:
         log(f"resumed from {resume_from} after step {start_step}")
@@ -267,7 +292,11 @@ def run(cfg: SFTConfig) -> Path:
         result = train_loop(engine, data, schedule, start_step=start_step, max_steps=max_steps,
                             micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id,
                             packed=cfg.data.packing, head=head, metrics=metrics, meter=meter, progress=progress,
-                            evals=evals, saving=saving, stop=StopRule.from_config(t, started))
+                            evals=evals, saving=saving, stop=StopRule.from_config(t, started),
+                            guard=NonFiniteGuard(t.on_nonfinite, t.max_consecutive_nonfinite))
+    except RuntimeError as e:
+        report_lost_peer(e, timeout_s=cfg.parallelism.collective_timeout_s)
+        raise
     finally:
         progress.close()
     log(f"ran {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
@@ -283,8 +312,12 @@ def run(cfg: SFTConfig) -> Path:
             barrier()
     else:
         log(f"stopped after step {result.last_step} of {max_steps}; the same command resumes from the checkpoint")
-        if result.stop_signal and is_main() and (requeued := requeue_after(result.stop_signal)):
-            log(requeued)
+        if result.stop_signal:  # every rank stopped after the same step, so every rank gets here
+            requeued, note = broadcast_from_main(requeue_after(result.stop_signal) if is_main() else None)
+            if note:
+                log(note)
+            log(f"exit status {record_stop(requeued=requeued)}: "
+                + ("requeued" if requeued else f"stopped by {result.stop_signal}, resumable (preemption.py)"))
     metrics.close()
     return run_dir
 
@@ -310,10 +343,12 @@ def restore_best(engine, run_dir: Path, tracker: EvalTracker, *, last_step: int)
 def _hydra_main(raw: DictConfig) -> None:
     try:
         place_sweep_point(raw)  # a multirun point gets its own output_dir, W&B group and run name
+        if note := prefer_named_model(raw, list(HydraConfig.get().overrides.task)):
+            log(note)
         cfg: SFTConfig = OmegaConf.to_object(raw)  # the DictConfig stops here: typed dataclasses from now on
         run(cfg)
-    except (ConfigError, DataError) as e:
-        # A user mistake, not a crash: one clear line (from rank 0; every rank fails the same way).
+    except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
+        # A user mistake or a full disk, not a crash: one clear line (from rank 0; every rank fails alike).
         sys.exit(f"sftdist: error: {e}" if is_main() else 2)
     distributed = world_size() > 1
     if distributed or not in_multirun():
@@ -323,16 +358,25 @@ def _hydra_main(raw: DictConfig) -> None:
     if distributed and "SUBMITIT_FOLDER" not in os.environ:  # a submitit task still has its result to write
         # Every file is written and closed. Skip interpreter teardown: in multi-process CPU runs a native
         # thread left by the gloo/DeepSpeed stack occasionally aborts the process at exit ("terminate called
-        # without an active exception"), which would turn a finished run into a failed job.
+        # without an active exception"), which would turn a finished run into a failed job. Likely cause (not
+        # reproduced in 27 tries): gloo threads of process groups that DeepSpeed still references after
+        # shutdown() (deepspeed.utils.groups) run on during interpreter teardown. Errors never get here:
+        # they raise above and exit non-zero (tests/dist/test_dead_rank.py).
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code())
+    if exit_code():  # preemption.RESUMABLE_EXIT: stopped by a signal, with a checkpoint
+        sys.exit(exit_code())
 
 
 def main() -> None:
     """Console entry point. Drops ``--local_rank=N``, which the ``deepspeed`` launcher appends (the same
     value is in the LOCAL_RANK variable) and which Hydra would reject as an override."""
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    try:
+        check_override_keys(sys.argv[1:])  # Hydra's own message for an unknown key suggests nothing useful
+    except ConfigError as e:
+        sys.exit(f"sftdist: error: {e}" if is_main() else 2)
     _hydra_main()
 
 

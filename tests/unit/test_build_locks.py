@@ -60,11 +60,38 @@ def builder():
 def test_root_is_where_torch_builds(root, monkeypatch):
     from torch.utils.cpp_extension import _get_build_directory
 
-    from sftdist.build_locks import extensions_root
+    from sftdist.build_locks import extensions_root, use_env_extensions_dir
 
-    assert extensions_root() == root.resolve() == Path(_get_build_directory("", verbose=False)).resolve()
+    # The user's TORCH_EXTENSIONS_DIR is kept.
+    assert use_env_extensions_dir() == extensions_root() == root.resolve() == \
+        Path(_get_build_directory("", verbose=False)).resolve()  # "": the root
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    assert extensions_root() == Path(_get_build_directory("", verbose=False)).resolve()  # "": the root
+    shared = Path(_get_build_directory("", verbose=False)).resolve()  # torch's folder for every environment
+    own = extensions_root()
+    assert own.parent == shared and own.name.startswith("env-")
+    assert use_env_extensions_dir() == own == Path(_get_build_directory("", verbose=False)).resolve()
+
+
+def test_each_environment_builds_in_its_own_directory(tmp_path, monkeypatch):
+    import torch
+
+    from sftdist.build_locks import env_extensions_dir, extensions_root
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    dirs = {}
+    for name in ("venv-a", "venv-b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setattr(sys, "prefix", str(tmp_path / name))
+        dirs[name] = env_extensions_dir()
+    assert dirs["venv-a"] != dirs["venv-b"] and dirs["venv-a"].parent == dirs["venv-b"].parent
+    assert extensions_root() == dirs["venv-b"]
+    (tmp_path / "link").symlink_to(tmp_path / "venv-a")  # the same environment by another path
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "link"))
+    assert env_extensions_dir() == dirs["venv-a"]
+    monkeypatch.setattr(torch, "__version__", "0.0.1")  # torch upgraded in place: the old ops do not fit
+    assert env_extensions_dir() != dirs["venv-a"]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert extensions_root() == (tmp_path / "mine").resolve()
 
 
 def test_stale_lock_is_removed_and_reported(root, clear):
@@ -125,10 +152,9 @@ def test_lock_that_cannot_be_removed_names_the_file(root, clear, monkeypatch):
 
 
 def test_training_after_a_killed_build_removes_its_locks(tmp_path, monkeypatch):
-    from torch.utils.cpp_extension import _get_build_directory
+    from sftdist.build_locks import env_extensions_dir
 
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    built = Path(_get_build_directory("", verbose=False))  # name "" gives the root of the op directories
+    built = env_extensions_dir()  # where this environment's runs build their ops
     ext = tmp_path / "ext"
     if built.is_dir():  # the ops already built, so the run links them instead of compiling (mtimes kept)
         shutil.copytree(built, ext, symlinks=True)
