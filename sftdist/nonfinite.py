@@ -7,7 +7,7 @@ so every rank takes the same decision without another collective.
 Skipping relies on the update never having been applied: DeepSpeed's ZeRO 1-3 optimizers already drop an
 update whose gradient norm is not finite (they clear the gradients and hold the lr schedule, as for an fp16
 loss-scale overflow; in bf16 while DeepSpeed's ``bf16.check_grad_overflow`` is on, its default). ZeRO-0 has no
-such check, so ``skip_stage0_update`` does the same before ``engine.step()``. A non-finite loss always
+such check, so ``hold_stage0_update`` does the same before ``engine.step()``. A non-finite loss always
 comes with non-finite gradients in practice (NaN logits); if DeepSpeed applied the update anyway,
 ``NonFiniteGuard.check`` stops the run rather than train on from weights it cannot vouch for.
 """
