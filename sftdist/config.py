@@ -22,6 +22,7 @@ FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 MIX_BY = ("samples", "tokens")
 TRUNCATION = ("truncate", "drop", "error")
 ON_BAD_RECORD = ("error", "skip")
+DEDUP = ("none", "exact", "near")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -98,6 +99,11 @@ class DataConfig:
     # a chat template with no end-of-turn token is an error (the model would never learn to stop); false allows it
     require_end_of_turn: bool = True
     cache_dir: Optional[str] = None  # tokenised-data cache; default $SFTDIST_CACHE/data
+    # Filters, counted per source like other skips (chat formats; the first occurrence is kept):
+    dedup: str = "none"  # none | exact (same normalised conversation) | near (+ MinHash near-duplicate replies)
+    near_dup_threshold: float = 0.8  # data.dedup=near: Jaccard similarity of reply word 3-grams
+    min_reply_tokens: int = 0  # drop records with a trained reply under this many tokens (0 = off)
+    drop_cut_replies: bool = False  # drop records with a reply that looks cut off (see sftdist-data quality)
 
     def __post_init__(self) -> None:
         check_choice("data.train_on", self.train_on, TRAIN_ON)
@@ -106,6 +112,10 @@ class DataConfig:
         check_choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
         check_positive("data.audit_samples", self.audit_samples, allow_zero=True)
         check_positive("data.num_proc", self.num_proc, allow_zero=True)
+        check_choice("data.dedup", self.dedup, DEDUP)
+        if not 0.0 < self.near_dup_threshold <= 1.0:
+            raise ConfigError(f"data.near_dup_threshold={self.near_dup_threshold} must be in (0, 1]")
+        check_positive("data.min_reply_tokens", self.min_reply_tokens, allow_zero=True)
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: names must be unique, got {names}")

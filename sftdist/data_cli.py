@@ -1,5 +1,6 @@
-"""``sftdist-prepare [overrides]`` and ``sftdist-data inspect [--n N] [--html FILE] [overrides]``: the data
-stage alone, on CPU, with the same config as training (e.g. a SLURM CPU job that the GPU job depends on)."""
+"""``sftdist-prepare [overrides]``, ``sftdist-data inspect [--n N] [--html FILE] [overrides]`` and
+``sftdist-data quality [--html FILE] [--json FILE] [overrides]``: the data stage alone, on CPU, with the
+same config as training (e.g. a SLURM CPU job that the GPU job depends on)."""
 
 from __future__ import annotations
 
@@ -55,10 +56,58 @@ def data_main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--html", help="also write an HTML page to this file")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for training")
+    add_quality_parser(sub)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "quality":
+        return quality_main(args)
     try:
         tokenizer, data, schedule, _ = load_data(compose_config(args.overrides))
     except (ConfigError, DataError) as e:
         sys.exit(f"sftdist-data: error: {e}")
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(inspect_report(tokenizer, data, schedule, n=args.n, color=color, html_path=args.html))
+
+
+def add_quality_parser(sub) -> None:
+    from sftdist.data.quality import DEFAULT_REFUSALS
+
+    p = sub.add_parser("quality", help="duplicates, conflicting, short, cut and refusal replies, role-order slips, "
+                                       "token-length outliers and train/eval overlap, per source")
+    p.add_argument("--near-threshold", type=float, default=None,
+                   help="Jaccard similarity of reply word 3-grams that counts as a near duplicate "
+                        "(default: data.near_dup_threshold)")
+    p.add_argument("--min-reply-tokens", type=int, default=None,
+                   help="a reply under this many tokens is short (default: data.min_reply_tokens, or 3 when off)")
+    p.add_argument("--refusal-pattern", action="append", default=None,
+                   help=f"a refusal/boilerplate phrase (repeatable; replaces the defaults {list(DEFAULT_REFUSALS)})")
+    p.add_argument("--examples", type=int, default=3, help="examples listed per finding")
+    p.add_argument("--html", help="also write an HTML page to this file")
+    p.add_argument("--json", help="also write the whole report as JSON to this file")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for training")
+
+
+def quality_main(args) -> None:
+    """``sftdist-data quality``: the data quality report of every source, with the run's tokenizer and split."""
+    import json
+    from pathlib import Path
+
+    from sftdist.data.quality import DEFAULT_REFUSALS
+    from sftdist.data.quality_report import format_report, quality_report, render_html
+    from sftdist.model import load_tokenizer
+
+    try:
+        cfg = compose_config(args.overrides)
+        d = cfg.data
+        report = quality_report(d, load_tokenizer(cfg.model), max_length=cfg.train.max_length, seed=cfg.train.seed,
+                                near_threshold=args.near_threshold or d.near_dup_threshold,
+                                min_reply_tokens=args.min_reply_tokens or d.min_reply_tokens or 3,
+                                refusal_patterns=args.refusal_pattern or DEFAULT_REFUSALS, n_examples=args.examples)
+    except (ConfigError, DataError) as e:
+        sys.exit(f"sftdist-data: error: {e}")
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(f"JSON report written to {args.json}")
+    if args.html:
+        Path(args.html).write_text(render_html(report), encoding="utf-8")
+        print(f"HTML report written to {args.html}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sftdist.config import DataConfig, DataSource
+from sftdist.data import quality
 from sftdist.data.demo import cache_root, resolve_builtin
 from sftdist.data.messages import DataError, to_conversation, to_text
 from sftdist.data.sources import is_local, read_records, source_files
@@ -26,6 +27,8 @@ from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_conversation, 
 PIPELINE_VERSION = 2  # bump when encoding changes, to invalidate every cache entry
 OK_STATUSES = ("ok", "truncated")
 LENGTH_STATUSES = ("dropped_too_long", "dropped_no_target")  # counted, never an error
+# data.dedup, data.min_reply_tokens, data.drop_cut_replies: counted, never an error
+FILTER_STATUSES = ("dropped_duplicate", "dropped_short_reply", "dropped_cut_reply")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -52,6 +55,12 @@ def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_len
         "train_on": cfg.train_on, "truncation": cfg.truncation, "on_bad_record": cfg.on_bad_record,
         "tokenizer": tokenizer_fp, "max_length": max_length, "seed": seed if source.eval_fraction else None,
     }
+    # Only when set, so that caches built before these filters existed keep their keys.
+    filters = {"dedup": cfg.dedup, "min_reply_tokens": cfg.min_reply_tokens,
+               "drop_cut_replies": cfg.drop_cut_replies}
+    if filters != {"dedup": "none", "min_reply_tokens": 0, "drop_cut_replies": False}:
+        threshold = cfg.near_dup_threshold if cfg.dedup == "near" else None
+        parts["filters"] = {**filters, "near_dup_threshold": threshold}
     for key in ("path", "eval_path"):
         p = getattr(source, key)
         if with_files and p and is_local(DataSource(name=source.name, path=resolve_builtin(p))) and Path(resolve_builtin(p)).exists():
@@ -60,12 +69,14 @@ def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_len
 
 
 def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: str, max_length: int,
-                  truncation: str, tokenizer) -> dict[str, Any]:
+                  truncation: str, tokenizer, min_reply_tokens: int = 0,
+                  drop_cut_replies: bool = False) -> dict[str, Any]:
     """Encode one raw JSON record; never raises for a bad record, reports it in ``status``/``error``.
 
     Returns:
         ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``status`` (``ok``, ``truncated``,
-        ``dropped_too_long``, ``dropped_no_target`` or an error reason) and ``error`` (message or "").
+        ``dropped_too_long``, ``dropped_no_target``, ``dropped_short_reply``, ``dropped_cut_reply`` or an error
+        reason) and ``error`` (message or "").
     """
     empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0}
     try:
@@ -74,6 +85,9 @@ def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: st
             enc = encode_text(tokenizer, to_text(row, where, columns))
         else:
             messages, tools = to_conversation(row, fmt, where, columns)
+            dropped = _reply_filter([(where, messages)], tokenizer, min_reply_tokens, drop_cut_replies)
+            if dropped:
+                return {**empty, "status": dropped, "error": ""}
             enc = encode_conversation(tokenizer, messages, tools=tools, train_on=train_on)
     except DataError as e:
         return {**empty, "status": e.reason, "error": str(e)}
@@ -100,10 +114,40 @@ def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: st
     return {**enc, "num_tokens": len(enc["input_ids"]), "num_supervised": supervised, "status": status, "error": ""}
 
 
+def _reply_filter(record: list, tokenizer, min_reply_tokens: int, drop_cut_replies: bool) -> str:
+    """The filter status that drops this one-record list, or ""."""
+    if drop_cut_replies and quality.cut_replies(record):
+        return "dropped_cut_reply"
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    if min_reply_tokens and quality.short_replies(record, min_reply_tokens, count):
+        return "dropped_short_reply"
+    return ""
+
+
+def dedup_statuses(table: dict[str, list], fmt: str, columns: dict, mode: str, threshold: float) -> list[str]:
+    """Per record, ``dropped_duplicate`` or "" under ``data.dedup=mode``: the first occurrence in file order is
+    kept. Records that do not convert take no part (the encoder reports them)."""
+    statuses = [""] * len(table["raw"])
+    if mode == "none" or fmt == "text":
+        return statuses
+    records, index = [], []
+    for i, (raw, where, err) in enumerate(zip(table["raw"], table["where"], table["read_error"])):
+        try:
+            if not err:
+                records.append((where, to_conversation(json.loads(raw), fmt, where, columns)[0]))
+                index.append(i)
+        except DataError:
+            pass
+    for d in quality.dedup_drops(records, mode, threshold):
+        statuses[index[d]] = "dropped_duplicate"
+    return statuses
+
+
 def _encode_batch(batch: dict[str, list], **kw) -> dict[str, list]:
-    out = [encode_record(r, w, **kw) if not e else {"input_ids": [], "labels": [], "num_tokens": 0,
-                                                      "num_supervised": 0, "status": "invalid_json", "error": e}
-           for r, w, e in zip(batch["raw"], batch["where"], batch["read_error"])]
+    empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0}
+    out = [{**empty, "status": "invalid_json", "error": e} if e
+           else {**empty, "status": pre, "error": ""} if pre else encode_record(r, w, **kw)
+           for r, w, e, pre in zip(batch["raw"], batch["where"], batch["read_error"], batch["pre_status"])]
     return {k: [o[k] for o in out] for k in out[0]}
 
 
@@ -135,21 +179,33 @@ def _split_eval(table: dict[str, list], fraction: float, seed: int, name: str) -
     return train, evaluation
 
 
+def raw_splits(source: DataSource, seed: int) -> tuple[dict[str, list], Optional[dict[str, list]]]:
+    """The source's train and eval records as columns ``raw`` (JSON text), ``where`` and ``read_error``,
+    split exactly as training splits them (``eval_fraction`` by seed, or ``eval_path``)."""
+    table, eval_table = _split_eval(_raw_table(source, None), source.eval_fraction, seed, source.name)
+    if source.eval_path:
+        eval_table = _raw_table(source, source.eval_path)
+    return table, eval_table
+
+
 def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, tokenizer, max_length: int,
                   num_proc: int, split: str):
     import datasets
 
-    ds = datasets.Dataset.from_dict(table)
+    pre = dedup_statuses(table, source.format, dict(source.columns), cfg.dedup, cfg.near_dup_threshold)
+    ds = datasets.Dataset.from_dict({**table, "pre_status": pre})
     kw = dict(fmt=source.format, columns=dict(source.columns), train_on=cfg.train_on, max_length=max_length,
-              truncation=cfg.truncation, tokenizer=tokenizer)
+              truncation=cfg.truncation, tokenizer=tokenizer, min_reply_tokens=cfg.min_reply_tokens,
+              drop_cut_replies=cfg.drop_cut_replies)
     procs = num_proc if len(ds) >= 2000 else 1  # worker start-up costs more than small sets take
     # sftdist keys its own cache (cache_key); datasets' fingerprint of this map would pickle and hash the whole
     # tokenizer, which took longer than tokenising 1,000 alpaca records. A fixed one skips that.
     ds = ds.map(_encode_batch, batched=True, batch_size=256, num_proc=procs if procs > 1 else None,
-                fn_kwargs=kw, remove_columns=["raw", "read_error"], desc=f"tokenising {source.name} ({split})",
+                fn_kwargs=kw, remove_columns=["raw", "read_error", "pre_status"],
+                desc=f"tokenising {source.name} ({split})",
                 new_fingerprint=f"sftdist-encode-{source.name}-{split}")
     statuses = Counter(ds["status"])
-    bad = [s for s in statuses if s not in OK_STATUSES + LENGTH_STATUSES]
+    bad = [s for s in statuses if s not in OK_STATUSES + LENGTH_STATUSES + FILTER_STATUSES]
     if bad and cfg.on_bad_record == "error":
         first = next(e for e in ds["error"] if e)
         raise DataError(f"{first} [data source {source.name!r}; set data.on_bad_record=skip to skip and count "
@@ -178,9 +234,7 @@ def prepare_source(source: DataSource, cfg: DataConfig, tokenizer, *, max_length
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=root))
     try:
-        table, eval_table = _split_eval(_raw_table(source, None), source.eval_fraction, seed, source.name)
-        if source.eval_path:
-            eval_table = _raw_table(source, source.eval_path)
+        table, eval_table = raw_splits(source, seed)
         train, stats = _encode_table(table, source, cfg, tokenizer, max_length, default_num_proc(cfg), "train")
         train.save_to_disk(str(tmp / "train"))
         if eval_table is not None:
