@@ -69,6 +69,7 @@ def data_main(argv: Optional[list[str]] = None) -> None:
 
 
 def add_quality_parser(sub) -> None:
+    """The ``quality`` subcommand's options."""
     from sftdist.data.quality import DEFAULT_REFUSALS
 
     p = sub.add_parser("quality", help="duplicates, conflicting, short, cut and refusal replies, role-order slips, "
@@ -98,9 +99,11 @@ def quality_main(args) -> None:
     try:
         cfg = compose_config(args.overrides)
         d = cfg.data
+        threshold = d.near_dup_threshold if args.near_threshold is None else args.near_threshold
+        if not 0 < threshold <= 1:
+            raise ConfigError(f"--near-threshold={threshold} must be in (0, 1]")
         report = quality_report(d, load_tokenizer(cfg.model), max_length=cfg.train.max_length, seed=cfg.train.seed,
-                                near_threshold=args.near_threshold or d.near_dup_threshold,
-                                min_reply_tokens=args.min_reply_tokens or d.min_reply_tokens or 3,
+                                near_threshold=threshold, min_reply_tokens=args.min_reply_tokens or d.min_reply_tokens or 3,
                                 refusal_patterns=args.refusal_pattern or DEFAULT_REFUSALS, n_examples=args.examples)
     except (ConfigError, DataError) as e:
         sys.exit(f"sftdist-data: error: {e}")

@@ -23,7 +23,8 @@ KEYS = ["records", "exact_duplicates", "near_duplicates", "conflicting_prompts",
 def read_conversations(rows: Optional[dict[str, list]], fmt: str, columns: dict) -> tuple[list, list, int]:
     """``(records, tools, unreadable)`` of a ``raw_splits`` table: the records that convert to messages."""
     records, tools, bad = [], [], 0
-    for raw, where, err in zip(*(rows or {"raw": [], "where": [], "read_error": []}).values()):
+    rows = rows or {"raw": [], "where": [], "read_error": []}
+    for raw, where, err in zip(rows["raw"], rows["where"], rows["read_error"]):
         try:
             if err:
                 raise DataError(err)
@@ -134,7 +135,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             if f is None:
                 continue
             p = f["token_percentiles"]
-            over = f"{f['over_max_length']['count']} (-{f['truncated_supervised_tokens']} sup.)"
+            lost = f["truncated_supervised_tokens"]
+            over = f"{f['over_max_length']['count']}" + (f" (-{lost} sup.)" if lost else "")
             overlap = "-" if split == "train" or entry["eval_overlap"] is None else str(entry["eval_overlap"]["count"])
             rows.append([name if split == "train" else f"{name} [eval]", str(f["records"]),
                          *(str(f[k]["count"]) for k in KEYS[1:-1]), over,
