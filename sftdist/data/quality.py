@@ -76,7 +76,12 @@ def conversation_key(messages: list[dict[str, Any]]) -> str:
 
 
 def split_prompt(messages: list[dict[str, Any]]) -> tuple[str, str]:
-    """The normalised prompt (everything before the last assistant message) and that last reply."""
+    """The normalised prompt (everything before the last assistant message) and that last reply.
+
+    Example:
+        >>> split_prompt([{"role": "user", "content": "Hi  You"}, {"role": "assistant", "content": "Yo!"}])
+        ('user\\x1fhi you', 'yo!')
+    """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     prompt = "\x1e".join(f"{m['role']}\x1f{normalize(message_text(m))}" for m in messages[:last])
     return prompt, normalize(message_text(messages[last]))
@@ -261,7 +266,12 @@ def short_replies(records: list[Record], min_tokens: int,
 
 
 def empty_replies(records: list[Record]) -> list[int]:
-    """Records with a trained reply that is blank (no text and no tool call)."""
+    """Records with a trained reply that is blank (no text and no tool call).
+
+    Example:
+        >>> empty_replies([("r0", [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}])])
+        [0]
+    """
     return [i for i, (_, m) in enumerate(records) if any(not t.strip() for _, t in replies(m))]
 
 
@@ -357,7 +367,12 @@ def dedup_drops(records: list[Record], mode: str, threshold: float = 0.8) -> lis
 
 
 def examples(records: list[Record], pairs: Iterable, n: int = 3) -> list[list[str]]:
-    """The ``where`` of the first ``n`` pairs or groups of indices (an int gives a one-item list)."""
+    """The ``where`` of the first ``n`` pairs or groups of indices (an int gives a one-item list).
+
+    Example:
+        >>> examples([("a: line 1", []), ("a: line 2", [])], [(1, 0, 0.9), 1])
+        [['a: line 2', 'a: line 1'], ['a: line 2']]
+    """
     out: list[list[str]] = []
     for p in pairs:
         if len(out) == n:
