@@ -1,0 +1,218 @@
+"""``sftdist-plan [options] [overrides]``: per-rank memory, data size and run time of a config, before
+training it, without loading any weights (the arithmetic is in ``sftdist.memory_plan``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+from sftdist.config import ConfigError, PeftConfig, SFTConfig, compose_config
+from sftdist.memory_plan import (GIB, ModelShape, Setup, activation_bytes, bucket_bytes, deepspeed_model_states,
+                                 largest_fitting, logits_bytes, model_states)
+
+SEARCH_LIMIT = 4096  # micro-batch sizes tried
+FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "sftdist_sdpa_by_document")
+
+
+def hf_config(model_cfg):
+    """The model's transformers config: from ``model.from_config`` (vocabulary sized to the tokenizer as
+    training does, unless ``from_config.vocab_size`` is set), a local directory's config.json, or a hub id's
+    config.json from the local Hugging Face cache (never downloaded here)."""
+    from transformers import AutoConfig
+
+    from sftdist.model import check_local_path, load_tokenizer, looks_local
+
+    if model_cfg.from_config:
+        kwargs = dict(model_cfg.from_config)
+        model_type = kwargs.pop("model_type")
+        if not kwargs.get("vocab_size"):
+            kwargs["vocab_size"] = len(load_tokenizer(model_cfg))
+        return AutoConfig.for_model(model_type, **kwargs)
+    name = model_cfg.name_or_path
+    check_local_path("model.name_or_path", name)
+    try:
+        return AutoConfig.from_pretrained(name, revision=model_cfg.revision, local_files_only=True,
+                                          trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        where = "its config.json" if looks_local(name) else "its config.json is not in the local Hugging Face cache"
+        raise ConfigError(f"model.name_or_path={name}: cannot read {where} (sftdist-plan reads only the config; "
+                          f"`hf download {name} config.json` fetches it): {str(e).splitlines()[0]}") from e
+
+
+def model_shape(config, peft: PeftConfig) -> ModelShape:
+    """Count parameters on a model instantiated on the meta device (no memory, no weights), and the LoRA
+    adapter's exactly by applying peft's LoraConfig to it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sftdist.peft import apply_peft
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    params = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    # bitsandbytes quantises the decoder's linear layers and leaves the LM head in the compute dtype
+    quantized = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    trainable = params
+    if peft.method != "none":
+        with torch.device("meta"):  # QLoRA's adapters have the shapes of LoRA's on the unquantised model
+            lora = apply_peft(model, PeftConfig(**{**vars(peft), "method": "lora"}))
+        trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        params = sum(p.numel() for p in lora.parameters())
+    text = getattr(config, "text_config", None) or config
+    return ModelShape(params=params, trainable=trainable, quantized=quantized, largest_module=largest,
+                      layers=text.num_hidden_layers, hidden=text.hidden_size, heads=text.num_attention_heads,
+                      vocab=text.vocab_size)
+
+
+def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig, micro_batch: int) -> dict[str, tuple[float, float]]:
+    """Every per-rank line of the table at ``micro_batch``, as ``(device, cpu)`` bytes, with the total last
+    (its activations those of ``parallelism.activation_checkpointing``)."""
+    t, p = cfg.train, cfg.parallelism
+    labels = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer states"}
+    rows = {labels[k]: v for k, v in model_states(shape, setup).items()}
+    rows["model states"] = tuple(map(sum, zip(*rows.values())))
+    kw = dict(micro_batch=micro_batch, seq=t.max_length, precision=setup.precision,
+              fused_attention=cfg.model.attn_implementation in FUSED_ATTENTION)
+    rows["activations"] = (activation_bytes(shape, checkpointing=False, **kw), 0.0)
+    rows["activations, checkpointed"] = (activation_bytes(shape, checkpointing=True, **kw), 0.0)
+    rows["logits + loss"] = (logits_bytes(shape, micro_batch=micro_batch, seq=t.max_length, precision=setup.precision,
+                                          lm_head=t.lm_head, chunk_tokens=t.loss_chunk_tokens), 0.0)
+    rows["comm. buckets"] = (bucket_bytes(zero_stage=p.zero_stage, precision=setup.precision,
+                                          reduce_bucket=p.reduce_bucket_size, overlap_comm=p.overlap_comm,
+                                          contiguous_gradients=p.contiguous_gradients), 0.0)
+    act = rows["activations, checkpointed" if p.activation_checkpointing else "activations"]
+    parts = [rows["model states"], act, rows["logits + loss"], rows["comm. buckets"]]
+    rows["total"] = tuple(map(sum, zip(*parts)))
+    return rows
+
+
+def data_summary(cfg: SFTConfig) -> dict:
+    """Tokens and optimizer steps per epoch, and the run's steps, from the data stage (may tokenise)."""
+    from sftdist.data import mix_report
+    from sftdist.data_cli import load_data
+
+    _, data, schedule, _ = load_data(cfg)
+    report = mix_report(data, schedule)
+    t = cfg.train
+    steps_per_epoch = schedule.epoch_len / t.global_batch_size
+    run_steps = t.max_steps if t.max_steps > 0 else schedule.steps_for_epochs(t.epochs)
+    tokens = sum(r["tokens_per_epoch"] for r in report)
+    return {"tokens_per_epoch": tokens, "supervised_tokens_per_epoch": sum(r["supervised_tokens_per_epoch"] for r in report),
+            "sequences_per_epoch": schedule.epoch_len, "steps_per_epoch": steps_per_epoch, "run_steps": run_steps,
+            "run_tokens": round(tokens * run_steps / steps_per_epoch)}
+
+
+def measured_tokens_per_sec(path: Path) -> float:
+    """The median ``tokens_per_sec`` (else ``tokens / step_time_s``) of a run's metrics.jsonl step rows."""
+    rates = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("tokens_per_sec"):
+            rates.append(float(row["tokens_per_sec"]))
+        elif row.get("tokens") and row.get("step_time_s"):
+            rates.append(row["tokens"] / row["step_time_s"])
+    if not rates:
+        raise ConfigError(f"--metrics {path}: no step rows with tokens_per_sec or tokens and step_time_s")
+    return statistics.median(rates)
+
+
+def _size(b: float) -> str:
+    return "-" if not b else f"{b / GIB:,.2f} GiB" if b >= GIB else f"{b / 2**20:,.1f} MiB"
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def render(plan: dict) -> str:
+    """The console table of a plan (``build_plan``'s dict)."""
+    s, m = plan["setup"], plan["model"]
+    lines = [f"model: {m['source']} ({m['params'] / 1e6:,.2f}M parameters, {m['trainable'] / 1e6:,.3f}M trainable, "
+             f"{s['peft']}); ZeRO-{s['zero_stage']} x {s['world']} ranks, {s['precision']}, micro-batch "
+             f"{plan['micro_batch']} x {plan['max_length']} tokens, attention {m['attention']}",
+             f"{'per rank':<28}{'device':>12}{'cpu':>12}{'DeepSpeed est. device':>24}{'cpu':>12}"]
+    ds = plan["deepspeed_model_states"]
+    for name, (dev, cpu) in plan["rows"].items():
+        extra = f"{_size(ds[0]):>24}{_size(ds[1]):>12}" if name == "model states" and ds else ""
+        mark = " *" if name == plan["activations_used"] else ""
+        lines.append(f"{name + mark:<28}{_size(dev):>12}{_size(cpu):>12}{extra}")
+    lines.append(f"(* counted in the total: parallelism.activation_checkpointing={plan['checkpointing']})")
+    budget = plan["gpu_mem_gib"]
+    if budget:
+        most = plan["largest_micro_batch"]
+        lines.append(f"fits {budget:g} GiB per device: {'yes' if plan['fits'] else 'NO'}; largest micro-batch that "
+                     f"fits: {most}{'+ (the search limit)' if most == SEARCH_LIMIT else ''}")
+    d = plan.get("data")
+    if d:
+        lines.append(f"data: {d['tokens_per_epoch']:,} tokens ({d['supervised_tokens_per_epoch']:,} supervised) in "
+                     f"{d['sequences_per_epoch']:,} sequences per epoch; {d['steps_per_epoch']:.1f} optimizer steps "
+                     f"per epoch; this run: {d['run_steps']:,} steps, {d['run_tokens']:,} tokens")
+    if plan.get("eta_s") is not None:
+        lines.append(f"ETA at {plan['tokens_per_sec']:,.0f} tokens/s: {_duration(plan['eta_s'])}")
+    return "\n".join(lines)
+
+
+def build_plan(cfg: SFTConfig, args) -> dict:
+    """Everything sftdist-plan prints, as a JSON-ready dict."""
+    import torch
+
+    from sftdist.launch import default_nproc
+    from sftdist.parallel import grad_accum_dtype, resolve_precision
+
+    p, t = cfg.parallelism, cfg.train
+    world = args.world_size or (cfg.launch.nproc_per_node or default_nproc()) * cfg.launch.nnodes
+    precision = resolve_precision(args.precision or p.precision, gpu=torch.cuda.is_available())
+    setup = Setup(zero_stage=p.zero_stage, world=world, precision=precision, peft=cfg.peft.method,
+                  offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
+                  grad_accum_fp32=grad_accum_dtype(p, precision) == "fp32")
+    shape = model_shape(hf_config(cfg.model), cfg.peft)
+    budget = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None)
+    rows = memory_rows(shape, setup, cfg, t.micro_batch_size)
+    plan = {"setup": vars(setup), "micro_batch": t.micro_batch_size, "max_length": t.max_length,
+            "model": {"source": cfg.model.name_or_path or f"model.from_config ({cfg.model.from_config['model_type']})",
+                      "attention": cfg.model.attn_implementation, **vars(shape)},
+            "rows": rows, "checkpointing": p.activation_checkpointing,
+            "activations_used": "activations, checkpointed" if p.activation_checkpointing else "activations",
+            "deepspeed_model_states": deepspeed_model_states(shape, setup) if setup.peft == "none" else None,
+            "gpu_mem_gib": budget}
+    if budget:
+        plan["fits"] = rows["total"][0] <= budget * GIB
+        plan["largest_micro_batch"] = largest_fitting(
+            lambda mb: memory_rows(shape, setup, cfg, mb)["total"][0] <= budget * GIB, limit=SEARCH_LIMIT)
+    if not args.no_data:
+        plan["data"] = data_summary(cfg)
+    rate = args.tokens_per_sec or (measured_tokens_per_sec(Path(args.metrics)) if args.metrics else None)
+    if rate and plan.get("data"):
+        plan["tokens_per_sec"], plan["eta_s"] = rate, plan["data"]["run_tokens"] / rate
+    return plan
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sftdist.data import DataError
+
+    parser = argparse.ArgumentParser(prog="sftdist-plan", description=__doc__)
+    parser.add_argument("--world-size", type=int, help="data-parallel ranks (default: the launch config's processes)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override parallelism.precision")
+    parser.add_argument("--gpu-mem", type=float, help="GiB per device (default: the visible GPU's, if any)")
+    parser.add_argument("--no-data", action="store_true", help="skip the data stage (tokens, steps, ETA)")
+    parser.add_argument("--tokens-per-sec", type=float, help="measured training throughput, for the ETA")
+    parser.add_argument("--metrics", help="a run's metrics.jsonl: its median tokens_per_sec, for the ETA")
+    parser.add_argument("--json", help="also write the plan to this file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for training")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        plan = build_plan(compose_config(args.overrides), args)
+    except (ConfigError, DataError, HydraException, OmegaConfBaseException, OSError) as e:
+        sys.exit(f"sftdist-plan: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    print(render(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=2) + "\n")
