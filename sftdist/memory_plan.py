@@ -27,11 +27,13 @@ bf16/fp16 rows are DeepSpeed's own accounting (``estimate_zero2_model_states_mem
 - LoRA/QLoRA: only trainable (adapter) parameters get grads, a master copy and moments; the frozen base
   is held in the model dtype (ZeRO-3 partitions it too). QLoRA stores the base's decoder linear weights NF4
   with double quantisation: 4 bits + 8-bit absmax per 64 + fp32 absmax per 256 blocks = 4.127 bits/param.
-- offload_optimizer puts the master copy, the moments and the fp32 gradients on the CPU; offload_params
+- offload_optimizer puts the master copy, the moments and the fp32 gradients on the CPU (the device keeps
+  no gradient partition: reduced buckets are copied out); offload_params
   (ZeRO-3) the parameter partitions, leaving the gathered working set on the device.
 
 Against measured CPU runs (fp32, 2 ranks, bench/RESULTS.md "ZeRO per-rank memory"), params + grads +
-optimizer: ZeRO-0 0.0% (tiny and llama-h512-l8), ZeRO-2 -7.0% (tiny) / -1.4% (h512), ZeRO-3 +2.6% / +0.4%;
+optimizer: ZeRO-0 -0.2% (tiny, the table rounds) / 0.0% (llama-h512-l8), ZeRO-2 -7.0% / -1.4%, ZeRO-3
++2.6% / +0.4%;
 the ZeRO-2 gap is a flattened copy of one parameter group at the step, which weighs more on a small model.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
@@ -120,6 +122,8 @@ def model_states(shape: ModelShape, setup: Setup) -> dict[str, tuple[float, floa
         master = t * 4 / n if stage >= 1 else 0.0
     moments = shard(t * 8.0)
     opt_cpu = setup.offload_optimizer
+    if opt_cpu:  # ZeRO-Offload streams reduced gradients from the buckets into the CPU's fp32 partition
+        low = 0.0
     dev_params, cpu_params = (gathered, params) if setup.offload_params else (params + gathered, 0.0)
     return {"params": (float(dev_params), float(cpu_params)),
             "grads": (float(low + (0 if opt_cpu else fp32)), float(fp32 if opt_cpu else 0)),

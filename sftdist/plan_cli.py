@@ -7,6 +7,7 @@ import argparse
 import json
 import statistics
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -38,9 +39,11 @@ def hf_config(model_cfg):
         return AutoConfig.from_pretrained(name, revision=model_cfg.revision, local_files_only=True,
                                           trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        where = "its config.json" if looks_local(name) else "its config.json is not in the local Hugging Face cache"
-        raise ConfigError(f"model.name_or_path={name}: cannot read {where} (sftdist-plan reads only the config; "
-                          f"`hf download {name} config.json` fetches it): {str(e).splitlines()[0]}") from e
+        if looks_local(name):
+            raise ConfigError(f"model.name_or_path={name}: cannot read its config.json: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"model.name_or_path={name}: its config.json is not in the local Hugging Face cache "
+                          f"(sftdist-plan reads only the config, offline: `hf download {name} config.json` fetches "
+                          f"it, or describe the model with model.from_config)") from None
 
 
 def model_shape(config, peft: PeftConfig) -> ModelShape:
@@ -60,7 +63,8 @@ def model_shape(config, peft: PeftConfig) -> ModelShape:
     quantized = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     trainable = params
     if peft.method != "none":
-        with torch.device("meta"):  # QLoRA's adapters have the shapes of LoRA's on the unquantised model
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename  # QLoRA's adapters have the shapes of LoRA's on the unquantised model
             lora = apply_peft(model, PeftConfig(**{**vars(peft), "method": "lora"}))
         trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
         params = sum(p.numel() for p in lora.parameters())
@@ -193,6 +197,12 @@ def build_plan(cfg: SFTConfig, args) -> dict:
     return plan
 
 
+def _one_line(e: BaseException) -> str:
+    """An error and the error it came from (Hydra wraps OmegaConf's reason), on one line."""
+    first = [(str(x).splitlines() or [type(x).__name__])[0].rstrip(".") for x in (e, e.__cause__) if x is not None]
+    return ": ".join(first)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -212,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         plan = build_plan(compose_config(args.overrides), args)
     except (ConfigError, DataError, HydraException, OmegaConfBaseException, OSError) as e:
-        sys.exit(f"sftdist-plan: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        sys.exit(f"sftdist-plan: error: {_one_line(e)}")
     print(render(plan))
     if args.json:
         Path(args.json).write_text(json.dumps(plan, indent=2) + "\n")
