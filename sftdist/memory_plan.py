@@ -40,7 +40,9 @@ Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation i
 Models", eq. 2, no tensor/sequence parallelism): per layer ``s*b*h*(34 + 5*a*s/h)`` bytes in 16-bit, of which
 ``5*a*s/h`` is the attention score matrix that sdpa/flash kernels never store. fp32 doubles it. With
 activation checkpointing, each layer keeps its 16-bit input (``2*s*b*h``) and one layer is live in full.
-The formula is for a GPT block with a 4h MLP; a SwiGLU MLP of width ~2.7h stores about as much.
+The formula is for a GPT block with a 4h MLP and dropout. Against the tensors autograd saves in a Llama
+forward (hidden 512, 8 layers, SwiGLU 1408, fp32, 2 x 256 tokens; ``bench/plan_check.py``) it is -16% with
+sdpa and +7% with eager attention; checkpointed layer inputs -20% (8.0 vs 10.0 MiB).
 """
 
 from __future__ import annotations

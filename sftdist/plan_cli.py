@@ -147,6 +147,10 @@ def render(plan: dict) -> str:
         mark = " *" if name == plan["activations_used"] else ""
         lines.append(f"{name + mark:<28}{_size(dev):>12}{_size(cpu):>12}{extra}")
     lines.append(f"(* counted in the total: parallelism.activation_checkpointing={plan['checkpointing']})")
+    if ds:
+        lines.append("(DeepSpeed's estimator assumes 16-bit mixed precision, estimates ZeRO-1 as ZeRO-2 and leaves "
+                     "out ZeRO-3's 16-bit parameter partition; its cpu figure is for the whole node, with a 1.5 "
+                     "buffer factor: see sftdist/memory_plan.py)")
     budget = plan["gpu_mem_gib"]
     if budget:
         most = plan["largest_micro_batch"]
