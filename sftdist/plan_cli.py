@@ -153,16 +153,20 @@ def render(plan: dict) -> str:
                      "buffer factor: see sftdist/memory_plan.py)")
     budget = plan["gpu_mem_gib"]
     if budget:
-        most = plan["largest_micro_batch"]
+        most, usable = plan["largest_micro_batch"], plan["largest_usable_micro_batch"]
         lines.append(f"fits {budget:g} GiB per device: {'yes' if plan['fits'] else 'NO'}; largest micro-batch that "
-                     f"fits: {most}{'+ (the search limit)' if most == SEARCH_LIMIT else ''}")
+                     f"fits: {most}{'+ (the search limit)' if most == SEARCH_LIMIT else ''}"
+                     + (f"; that divides global_batch_size / ranks: {usable}" if usable != most else ""))
     d = plan.get("data")
     if d:
         lines.append(f"data: {d['tokens_per_epoch']:,} tokens ({d['supervised_tokens_per_epoch']:,} supervised) in "
                      f"{d['sequences_per_epoch']:,} sequences per epoch; {d['steps_per_epoch']:.1f} optimizer steps "
                      f"per epoch; this run: {d['run_steps']:,} steps, {d['run_tokens']:,} tokens")
     if plan.get("eta_s") is not None:
-        lines.append(f"ETA at {plan['tokens_per_sec']:,.0f} tokens/s: {_duration(plan['eta_s'])}")
+        lines.append(f"ETA at {plan['tokens_per_sec']:,.0f} tokens/s: {_duration(plan['eta_s'])} of training steps "
+                     f"(eval and checkpoints not included)")
+    elif plan.get("tokens_per_sec"):
+        lines.append("no ETA: it needs the data stage's token count (drop --no-data)")
     return "\n".join(lines)
 
 
@@ -191,13 +195,20 @@ def build_plan(cfg: SFTConfig, args) -> dict:
             "gpu_mem_gib": budget}
     if budget:
         plan["fits"] = rows["total"][0] <= budget * GIB
-        plan["largest_micro_batch"] = largest_fitting(
-            lambda mb: memory_rows(shape, setup, cfg, mb)["total"][0] <= budget * GIB, limit=SEARCH_LIMIT)
+        most = largest_fitting(lambda mb: memory_rows(shape, setup, cfg, mb)["total"][0] <= budget * GIB,
+                               limit=SEARCH_LIMIT)
+        per_rank = t.global_batch_size // world if t.global_batch_size % world == 0 else 0
+        # training also needs global_batch_size % (micro_batch_size * ranks) == 0
+        plan["largest_micro_batch"] = most
+        plan["largest_usable_micro_batch"] = max([m for m in range(1, min(most, per_rank) + 1) if per_rank % m == 0],
+                                                 default=0)
     if not args.no_data:
         plan["data"] = data_summary(cfg)
     rate = args.tokens_per_sec or (measured_tokens_per_sec(Path(args.metrics)) if args.metrics else None)
+    if rate:
+        plan["tokens_per_sec"] = rate
     if rate and plan.get("data"):
-        plan["tokens_per_sec"], plan["eta_s"] = rate, plan["data"]["run_tokens"] / rate
+        plan["eta_s"] = plan["data"]["run_tokens"] / rate
     return plan
 
 

@@ -129,6 +129,8 @@ def test_cli_no_data_table_and_json(tmp_path):
     plan = json.loads(out.read_text())
     assert plan["setup"]["world"] == 2 and plan["model"]["params"] == 869_504
     assert plan["largest_micro_batch"] >= plan["micro_batch"] and plan["fits"]
+    usable = plan["largest_usable_micro_batch"]  # default global batch 32 over 2 ranks: a divisor of 16
+    assert 0 < usable <= plan["largest_micro_batch"] and 16 % usable == 0
 
 
 def test_cli_with_data_and_eta(tmp_path):
@@ -140,6 +142,7 @@ def test_cli_with_data_and_eta(tmp_path):
     data = json.loads(out.read_text())["data"]
     assert data["sequences_per_epoch"] > 0 and data["run_steps"] == int(2 * data["steps_per_epoch"])
     assert "ETA at 1,000 tokens/s" in proc.stdout and "optimizer steps per epoch" in proc.stdout
+    assert json.loads(out.read_text())["eta_s"] == pytest.approx(data["run_tokens"] / 1000)
 
 
 @pytest.mark.parametrize("args, message", [
