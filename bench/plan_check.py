@@ -31,8 +31,10 @@ def model_state_rows() -> None:
         shape = ModelShape(params=n, trainable=n, quantized=0, largest_module=0, layers=1, hidden=1, heads=1,
                            vocab=1)
         for stage, measured in stages.items():
-            ours = sum(dev for dev, _ in model_states(shape, Setup(zero_stage=stage, world=2, precision="fp32")).values())
-            print(f"| {name} | {stage} | {ours / MIB:.1f} | {measured:.1f} | {100 * (ours / MIB - measured) / measured:+.1f}% |")
+            states = model_states(shape, Setup(zero_stage=stage, world=2, precision="fp32"))
+            ours = sum(dev for dev, _ in states.values()) / MIB
+            error = 100 * (ours - measured) / measured
+            print(f"| {name} | {stage} | {ours:.1f} | {measured:.1f} | {error:+.1f}% |")
 
 
 def saved_bytes(model, input_ids) -> int:
@@ -52,21 +54,23 @@ def saved_bytes(model, input_ids) -> int:
 def activation_rows(b: int = 2, s: int = 256) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    print("\n| attention | checkpointing | planner MiB | saved in forward MiB | error |\n|---|---|---:|---:|---:|")
-    shape = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=8, hidden=512, heads=8, vocab=1024)
+    print("\n| attention | checkpointing | planner MiB | saved in forward MiB | error |")
+    print("|---|---|---:|---:|---:|")
+    shape = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=8, hidden=512, heads=8,
+                       vocab=1024)
     for attn in ("sdpa", "eager"):
         for ckpt in (False, True):
-            cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                              num_key_value_heads=4, vocab_size=1024, attn_implementation=attn, use_cache=False)
+            cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                              num_attention_heads=8, num_key_value_heads=4, vocab_size=1024,
+                              attn_implementation=attn, use_cache=False)
             model = LlamaForCausalLM(cfg).train()
             if ckpt:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             measured = saved_bytes(model, torch.randint(0, 1024, (b, s)))
-            est = activation_bytes(shape, micro_batch=b, seq=s, precision="fp32", fused_attention=attn != "eager",
-                                   checkpointing=ckpt)
+            kw = dict(micro_batch=b, seq=s, precision="fp32", fused_attention=attn != "eager")
+            est = activation_bytes(shape, checkpointing=ckpt, **kw)
             if ckpt:  # forward saves only the layer inputs; the recomputed layer lives during backward
-                est -= activation_bytes(shape, micro_batch=b, seq=s, precision="fp32",
-                                        fused_attention=attn != "eager", checkpointing=False) / shape.layers
+                est -= activation_bytes(shape, checkpointing=False, **kw) / shape.layers
             print(f"| {attn} | {'inputs only' if ckpt else 'off'} | {est / MIB:.1f} | {measured / MIB:.1f} | "
                   f"{100 * (est - measured) / measured:+.0f}% |")
 

@@ -115,7 +115,8 @@ def model_states(shape: ModelShape, setup: Setup) -> dict[str, tuple[float, floa
     t = shape.trainable
     if mixed:
         low = t * pb / (n if stage >= 2 else 1)  # model-dtype gradients
-        full_fp32 = stage == 1 and setup.precision == "bf16" and setup.grad_accum_fp32 and not setup.offload_optimizer
+        full_fp32 = (stage == 1 and setup.precision == "bf16" and setup.grad_accum_fp32
+                     and not setup.offload_optimizer)
         fp32 = t * 4 if stage == 0 or full_fp32 else t * 4 / n
         master = shard(t * 4.0)
     else:
@@ -233,8 +234,8 @@ def deepspeed_model_states(shape: ModelShape, setup: Setup) -> tuple[float, floa
         return None
     if setup.zero_stage == 3:
         cpu, dev = estimate_zero3_model_states_mem_needs(
-            shape.params, shape.largest_module, num_gpus_per_node=setup.world, cpu_offload=setup.offload_optimizer,
-            cpu_offload_params=setup.offload_params, zero_init=True)[:2]
+            shape.params, shape.largest_module, num_gpus_per_node=setup.world,
+            cpu_offload=setup.offload_optimizer, cpu_offload_params=setup.offload_params, zero_init=True)[:2]
     else:
         cpu, dev = estimate_zero2_model_states_mem_needs(shape.params, num_gpus_per_node=setup.world,
                                                          cpu_offload=setup.offload_optimizer)

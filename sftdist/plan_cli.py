@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from sftdist.config import ConfigError, PeftConfig, SFTConfig, compose_config
-from sftdist.memory_plan import (GIB, ModelShape, Setup, activation_bytes, bucket_bytes, deepspeed_model_states,
-                                 largest_fitting, logits_bytes, model_states)
+from sftdist.memory_plan import (GIB, ModelShape, Setup, activation_bytes, bucket_bytes,
+                                 deepspeed_model_states, largest_fitting, logits_bytes, model_states)
 
 SEARCH_LIMIT = 4096  # micro-batch sizes tried
 FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "sftdist_sdpa_by_document")
@@ -40,10 +40,11 @@ def hf_config(model_cfg):
                                           trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         if looks_local(name):
-            raise ConfigError(f"model.name_or_path={name}: cannot read its config.json: {str(e).splitlines()[0]}") from e
-        raise ConfigError(f"model.name_or_path={name}: its config.json is not in the local Hugging Face cache "
-                          f"(sftdist-plan reads only the config, offline: `hf download {name} config.json` fetches "
-                          f"it, or describe the model with model.from_config)") from None
+            raise ConfigError(f"model.name_or_path={name}: cannot read its config.json: "
+                              f"{str(e).splitlines()[0]}") from e
+        raise ConfigError(f"model.name_or_path={name}: its config.json is not in the local Hugging Face "
+                          f"cache (sftdist-plan reads only the config, offline: `hf download {name} "
+                          f"config.json` fetches it, or describe the model with model.from_config)") from None
 
 
 def model_shape(config, peft: PeftConfig) -> ModelShape:
@@ -60,11 +61,13 @@ def model_shape(config, peft: PeftConfig) -> ModelShape:
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     # bitsandbytes quantises the decoder's linear layers and leaves the LM head in the compute dtype
-    quantized = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    quantized = sum(m.weight.numel() for m in model.modules()
+                    if isinstance(m, torch.nn.Linear) and m is not head)
     trainable = params
     if peft.method != "none":
         with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename  # QLoRA's adapters have the shapes of LoRA's on the unquantised model
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename
+            # QLoRA's adapters have the shapes of LoRA's on the unquantised model
             lora = apply_peft(model, PeftConfig(**{**vars(peft), "method": "lora"}))
         trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
         params = sum(p.numel() for p in lora.parameters())
@@ -74,7 +77,8 @@ def model_shape(config, peft: PeftConfig) -> ModelShape:
                       vocab=text.vocab_size)
 
 
-def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig, micro_batch: int) -> dict[str, tuple[float, float]]:
+def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
+                micro_batch: int) -> dict[str, tuple[float, float]]:
     """Every per-rank line of the table at ``micro_batch``, as ``(device, cpu)`` bytes, with the total last
     (its activations those of ``parallelism.activation_checkpointing``)."""
     t, p = cfg.train, cfg.parallelism
@@ -85,8 +89,9 @@ def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig, micro_batch: in
               fused_attention=cfg.model.attn_implementation in FUSED_ATTENTION)
     rows["activations"] = (activation_bytes(shape, checkpointing=False, **kw), 0.0)
     rows["activations, checkpointed"] = (activation_bytes(shape, checkpointing=True, **kw), 0.0)
-    rows["logits + loss"] = (logits_bytes(shape, micro_batch=micro_batch, seq=t.max_length, precision=setup.precision,
-                                          lm_head=t.lm_head, chunk_tokens=t.loss_chunk_tokens), 0.0)
+    rows["logits + loss"] = (logits_bytes(shape, micro_batch=micro_batch, seq=t.max_length,
+                                          precision=setup.precision, lm_head=t.lm_head,
+                                          chunk_tokens=t.loss_chunk_tokens), 0.0)
     rows["comm. buckets"] = (bucket_bytes(zero_stage=p.zero_stage, precision=setup.precision,
                                           reduce_bucket=p.reduce_bucket_size, overlap_comm=p.overlap_comm,
                                           contiguous_gradients=p.contiguous_gradients), 0.0)
@@ -107,16 +112,20 @@ def data_summary(cfg: SFTConfig) -> dict:
     steps_per_epoch = schedule.epoch_len / t.global_batch_size
     run_steps = t.max_steps if t.max_steps > 0 else schedule.steps_for_epochs(t.epochs)
     tokens = sum(r["tokens_per_epoch"] for r in report)
-    return {"tokens_per_epoch": tokens, "supervised_tokens_per_epoch": sum(r["supervised_tokens_per_epoch"] for r in report),
-            "sequences_per_epoch": schedule.epoch_len, "steps_per_epoch": steps_per_epoch, "run_steps": run_steps,
-            "run_tokens": round(tokens * run_steps / steps_per_epoch)}
+    return {"tokens_per_epoch": tokens,
+            "supervised_tokens_per_epoch": sum(r["supervised_tokens_per_epoch"] for r in report),
+            "sequences_per_epoch": schedule.epoch_len, "steps_per_epoch": steps_per_epoch,
+            "run_steps": run_steps, "run_tokens": round(tokens * run_steps / steps_per_epoch)}
 
 
 def measured_tokens_per_sec(path: Path) -> float:
     """The median ``tokens_per_sec`` (else ``tokens / step_time_s``) of a run's metrics.jsonl step rows."""
     rates = []
-    for line in path.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--metrics {path}: line {number} is not JSON ({e})") from e
         if row.get("tokens_per_sec"):
             rates.append(float(row["tokens_per_sec"]))
         elif row.get("tokens") and row.get("step_time_s"):
@@ -137,9 +146,9 @@ def _duration(s: float) -> str:
 def render(plan: dict) -> str:
     """The console table of a plan (``build_plan``'s dict)."""
     s, m = plan["setup"], plan["model"]
-    lines = [f"model: {m['source']} ({m['params'] / 1e6:,.2f}M parameters, {m['trainable'] / 1e6:,.3f}M trainable, "
-             f"{s['peft']}); ZeRO-{s['zero_stage']} x {s['world']} ranks, {s['precision']}, micro-batch "
-             f"{plan['micro_batch']} x {plan['max_length']} tokens, attention {m['attention']}",
+    lines = [f"model: {m['source']} ({m['params'] / 1e6:,.2f}M parameters, {m['trainable'] / 1e6:,.3f}M "
+             f"trainable, {s['peft']}); ZeRO-{s['zero_stage']} x {s['world']} ranks, {s['precision']}, "
+             f"micro-batch {plan['micro_batch']} x {plan['max_length']} tokens, attention {m['attention']}",
              f"{'per rank':<28}{'device':>12}{'cpu':>12}{'DeepSpeed est. device':>24}{'cpu':>12}"]
     ds = plan["deepspeed_model_states"]
     for name, (dev, cpu) in plan["rows"].items():
@@ -148,23 +157,24 @@ def render(plan: dict) -> str:
         lines.append(f"{name + mark:<28}{_size(dev):>12}{_size(cpu):>12}{extra}")
     lines.append(f"(* counted in the total: parallelism.activation_checkpointing={plan['checkpointing']})")
     if ds:
-        lines.append("(DeepSpeed's estimator assumes 16-bit mixed precision, estimates ZeRO-1 as ZeRO-2 and leaves "
-                     "out ZeRO-3's 16-bit parameter partition; its cpu figure is for the whole node, with a 1.5 "
-                     "buffer factor: see sftdist/memory_plan.py)")
+        lines.append("(DeepSpeed's estimator assumes 16-bit mixed precision, estimates ZeRO-1 as ZeRO-2 and "
+                     "leaves out ZeRO-3's 16-bit parameter partition; its cpu figure is for the whole node, "
+                     "with a 1.5 buffer factor: see sftdist/memory_plan.py)")
     budget = plan["gpu_mem_gib"]
     if budget:
         most, usable = plan["largest_micro_batch"], plan["largest_usable_micro_batch"]
-        lines.append(f"fits {budget:g} GiB per device: {'yes' if plan['fits'] else 'NO'}; largest micro-batch that "
-                     f"fits: {most}{'+ (the search limit)' if most == SEARCH_LIMIT else ''}"
+        lines.append(f"fits {budget:g} GiB per device: {'yes' if plan['fits'] else 'NO'}; largest "
+                     f"micro-batch that fits: {most}{'+ (the search limit)' if most == SEARCH_LIMIT else ''}"
                      + (f"; that divides global_batch_size / ranks: {usable}" if usable != most else ""))
     d = plan.get("data")
     if d:
-        lines.append(f"data: {d['tokens_per_epoch']:,} tokens ({d['supervised_tokens_per_epoch']:,} supervised) in "
-                     f"{d['sequences_per_epoch']:,} sequences per epoch; {d['steps_per_epoch']:.1f} optimizer steps "
-                     f"per epoch; this run: {d['run_steps']:,} steps, {d['run_tokens']:,} tokens")
+        lines.append(f"data: {d['tokens_per_epoch']:,} tokens ({d['supervised_tokens_per_epoch']:,} "
+                     f"supervised) in {d['sequences_per_epoch']:,} sequences per epoch; "
+                     f"{d['steps_per_epoch']:.1f} optimizer steps per epoch; "
+                     f"this run: {d['run_steps']:,} steps, {d['run_tokens']:,} tokens")
     if plan.get("eta_s") is not None:
-        lines.append(f"ETA at {plan['tokens_per_sec']:,.0f} tokens/s: {_duration(plan['eta_s'])} of training steps "
-                     f"(eval and checkpoints not included)")
+        lines.append(f"ETA at {plan['tokens_per_sec']:,.0f} tokens/s: {_duration(plan['eta_s'])} of training "
+                     f"steps (eval and checkpoints not included)")
     elif plan.get("tokens_per_sec"):
         lines.append("no ETA: it needs the data stage's token count (drop --no-data)")
     return "\n".join(lines)
@@ -180,14 +190,16 @@ def build_plan(cfg: SFTConfig, args) -> dict:
     p, t = cfg.parallelism, cfg.train
     world = args.world_size or (cfg.launch.nproc_per_node or default_nproc()) * cfg.launch.nnodes
     precision = resolve_precision(args.precision or p.precision, gpu=torch.cuda.is_available())
+    source_type = (cfg.model.from_config or {}).get("model_type")
     setup = Setup(zero_stage=p.zero_stage, world=world, precision=precision, peft=cfg.peft.method,
                   offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
                   grad_accum_fp32=grad_accum_dtype(p, precision) == "fp32")
     shape = model_shape(hf_config(cfg.model), cfg.peft)
-    budget = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None)
+    gpu = torch.cuda.is_available()
+    budget = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GIB if gpu else None)
     rows = memory_rows(shape, setup, cfg, t.micro_batch_size)
     plan = {"setup": vars(setup), "micro_batch": t.micro_batch_size, "max_length": t.max_length,
-            "model": {"source": cfg.model.name_or_path or f"model.from_config ({cfg.model.from_config['model_type']})",
+            "model": {"source": cfg.model.name_or_path or f"model.from_config ({source_type})",
                       "attention": cfg.model.attn_implementation, **vars(shape)},
             "rows": rows, "checkpointing": p.activation_checkpointing,
             "activations_used": "activations, checkpointed" if p.activation_checkpointing else "activations",
@@ -200,8 +212,8 @@ def build_plan(cfg: SFTConfig, args) -> dict:
         per_rank = t.global_batch_size // world if t.global_batch_size % world == 0 else 0
         # training also needs global_batch_size % (micro_batch_size * ranks) == 0
         plan["largest_micro_batch"] = most
-        plan["largest_usable_micro_batch"] = max([m for m in range(1, min(most, per_rank) + 1) if per_rank % m == 0],
-                                                 default=0)
+        plan["largest_usable_micro_batch"] = max(
+            [m for m in range(1, min(most, per_rank) + 1) if per_rank % m == 0], default=0)
     if not args.no_data:
         plan["data"] = data_summary(cfg)
     rate = args.tokens_per_sec or (measured_tokens_per_sec(Path(args.metrics)) if args.metrics else None)
@@ -214,7 +226,8 @@ def build_plan(cfg: SFTConfig, args) -> dict:
 
 def _one_line(e: BaseException) -> str:
     """An error and the error it came from (Hydra wraps OmegaConf's reason), on one line."""
-    first = [(str(x).splitlines() or [type(x).__name__])[0].rstrip(".") for x in (e, e.__cause__) if x is not None]
+    first = [(str(x).splitlines() or [type(x).__name__])[0].rstrip(".")
+             for x in (e, e.__cause__) if x is not None]
     return ": ".join(first)
 
 
@@ -225,8 +238,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     from sftdist.data import DataError
 
     parser = argparse.ArgumentParser(prog="sftdist-plan", description=__doc__)
-    parser.add_argument("--world-size", type=int, help="data-parallel ranks (default: the launch config's processes)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="override parallelism.precision")
+    parser.add_argument("--world-size", type=int,
+                        help="data-parallel ranks (default: the launch config's processes)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="override parallelism.precision")
     parser.add_argument("--gpu-mem", type=float, help="GiB per device (default: the visible GPU's, if any)")
     parser.add_argument("--no-data", action="store_true", help="skip the data stage (tokens, steps, ETA)")
     parser.add_argument("--tokens-per-sec", type=float, help="measured training throughput, for the ETA")
