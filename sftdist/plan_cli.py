@@ -120,6 +120,8 @@ def data_summary(cfg: SFTConfig) -> dict:
 
 def measured_tokens_per_sec(path: Path) -> float:
     """The median ``tokens_per_sec`` (else ``tokens / step_time_s``) of a run's metrics.jsonl step rows."""
+    if not path.is_file():
+        raise ConfigError(f"--metrics {path}: no such file (give a run's metrics.jsonl)")
     rates = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
