@@ -127,7 +127,7 @@ def measured_tokens_per_sec(path: Path) -> float:
         try:
             row = json.loads(line) if line.strip() else {}
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--metrics {path}: line {number} is not JSON ({e})") from e
+            raise ConfigError(f"--metrics {path}: line {number} is not JSON ({e})") from None
         if row.get("tokens_per_sec"):
             rates.append(float(row["tokens_per_sec"]))
         elif row.get("tokens") and row.get("step_time_s"):
@@ -190,14 +190,16 @@ def build_plan(cfg: SFTConfig, args) -> dict:
     from sftdist.parallel import grad_accum_dtype, resolve_precision
 
     p, t = cfg.parallelism, cfg.train
+    # read first: a bad metrics file should fail before the model and data stages run
+    rate = args.tokens_per_sec or (measured_tokens_per_sec(Path(args.metrics)) if args.metrics else None)
     world = args.world_size or (cfg.launch.nproc_per_node or default_nproc()) * cfg.launch.nnodes
-    precision = resolve_precision(args.precision or p.precision, gpu=torch.cuda.is_available())
+    gpu = torch.cuda.is_available()
+    precision = resolve_precision(args.precision or p.precision, gpu=gpu)
     source_type = (cfg.model.from_config or {}).get("model_type")
     setup = Setup(zero_stage=p.zero_stage, world=world, precision=precision, peft=cfg.peft.method,
                   offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
                   grad_accum_fp32=grad_accum_dtype(p, precision) == "fp32")
     shape = model_shape(hf_config(cfg.model), cfg.peft)
-    gpu = torch.cuda.is_available()
     budget = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GIB if gpu else None)
     rows = memory_rows(shape, setup, cfg, t.micro_batch_size)
     plan = {"setup": vars(setup), "micro_batch": t.micro_batch_size, "max_length": t.max_length,
@@ -218,7 +220,6 @@ def build_plan(cfg: SFTConfig, args) -> dict:
             [m for m in range(1, min(most, per_rank) + 1) if per_rank % m == 0], default=0)
     if not args.no_data:
         plan["data"] = data_summary(cfg)
-    rate = args.tokens_per_sec or (measured_tokens_per_sec(Path(args.metrics)) if args.metrics else None)
     if rate:
         plan["tokens_per_sec"] = rate
     if rate and plan.get("data"):

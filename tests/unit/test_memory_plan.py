@@ -165,3 +165,12 @@ def test_docstring_examples():
     import sftdist.memory_plan
 
     assert doctest.testmod(sftdist.memory_plan).failed == 0
+
+
+def test_bad_metrics_file_is_one_line_before_any_work(tmp_path):
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"step": 1, "tokens_per_sec": 5}\nnot json\n')
+    proc = _plan("--metrics", str(bad))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == f"sftdist-plan: error: --metrics {bad}: line 2 is not JSON " \
+                                                   f"(Expecting value: line 1 column 1 (char 0))"
