@@ -174,3 +174,39 @@ def test_bad_metrics_file_is_one_line_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == f"sftdist-plan: error: --metrics {bad}: line 2 is not JSON " \
                                                    f"(Expecting value: line 1 column 1 (char 0))"
+
+
+QWEN_0_5B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+             "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+             "max_position_embeddings": 32768}
+
+
+def test_cli_reads_a_local_model_directory(tmp_path):
+    model_dir = tmp_path / "qwen"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(QWEN_0_5B))
+    out = tmp_path / "plan.json"
+    proc = _plan("--no-data", "--json", str(out), f"model.name_or_path={model_dir}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["model"]["params"] == 494_032_768  # Qwen2.5-0.5B's published count
+
+
+def test_cli_reads_a_presets_config_from_the_hub_cache(tmp_path):
+    """model=qwen2_5_0_5b names a hub id; its config.json is read from the local cache, never downloaded."""
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B-Instruct"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(QWEN_0_5B))
+    out = tmp_path / "plan.json"
+    proc = run_cmd([sys.executable, "-c", "from sftdist.plan_cli import main; main()", "--no-data", "--json",
+                    str(out), "model=qwen2_5_0_5b", "peft=lora"], check=False,
+                   env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert proc.returncode == 0, proc.stderr
+    model = json.loads(out.read_text())["model"]
+    assert model["params"] > model["trainable"] > 0 and model["vocab"] == 151936
+    proc = run_cmd([sys.executable, "-c", "from sftdist.plan_cli import main; main()", "--no-data",
+                    "model=qwen2_5_0_5b"], check=False, env={"HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert "its config.json is not in the local Hugging Face cache" in proc.stderr.splitlines()[-1]
