@@ -102,6 +102,14 @@ def model_states(shape: ModelShape, setup: Setup) -> dict[str, tuple[float, floa
         {'params': (2000.0, 0.0), 'grads': (1500.0, 0.0), 'optimizer': (3000.0, 0.0)}
         >>> model_states(s, Setup(zero_stage=0, world=4, precision="fp32"))
         {'params': (4000.0, 0.0), 'grads': (4000.0, 0.0), 'optimizer': (8000.0, 0.0)}
+
+    Args:
+        shape: Parameter counts (``trainable`` decides what gets gradients and optimizer states).
+        setup: ZeRO stage, ranks, resolved precision, PEFT method and offload.
+
+    Returns:
+        ``{"params", "grads", "optimizer"}`` -> ``(device bytes, cpu bytes)`` of one rank; ``params`` includes
+        ZeRO-3's gathered largest module on the device.
     """
     n, stage, mixed = setup.world, setup.zero_stage, setup.precision != "fp32"
     pb = BYTES[setup.precision]
@@ -144,6 +152,17 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision
         >>> [activation_bytes(s, micro_batch=1, seq=4, precision="bf16", fused_attention=f, checkpointing=c)
         ...  for f, c in ((False, False), (True, False), (True, True))]
         [2496.0, 2176.0, 1216.0]
+
+    Args:
+        shape: ``layers``, ``hidden`` and ``heads`` are used.
+        micro_batch: Sequences per micro-batch (b).
+        seq: Tokens per sequence, ``train.max_length`` (s).
+        precision: Activation dtype: ``fp32`` doubles the 16-bit figure.
+        fused_attention: sdpa/flash attention, which never stores the ``a*s^2`` score matrix.
+        checkpointing: ``parallelism.activation_checkpointing``.
+
+    Returns:
+        Bytes on the device during the backward pass of one micro-batch.
     """
     s, b, h, a = seq, micro_batch, shape.hidden, shape.heads
     scale = BYTES[precision] / 2
@@ -168,6 +187,16 @@ def logits_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: st
         >>> [logits_bytes(s, micro_batch=2, seq=4, precision="fp32", lm_head="supervised", chunk_tokens=c)
         ...  for c in (8192, 4)]
         [576.0, 416.0]
+
+    Args:
+        shape: ``vocab`` and ``hidden`` are used.
+        micro_batch, seq: The micro-batch's sequences and tokens per sequence.
+        precision: The model dtype (the hidden rows; logits are fp32 for the loss).
+        lm_head: ``train.lm_head``.
+        chunk_tokens: ``train.loss_chunk_tokens``.
+
+    Returns:
+        Bytes of the logits and loss buffers of one micro-batch.
     """
     tokens = micro_batch * seq
     if lm_head == "full":
@@ -190,6 +219,14 @@ def bucket_bytes(*, zero_stage: int, precision: str, reduce_bucket: int, overlap
         >>> [bucket_bytes(zero_stage=z, precision="bf16", reduce_bucket=100, overlap_comm=True,
         ...               contiguous_gradients=True) for z in (0, 2, 3)]
         [0.0, 400.0, 200.0]
+
+    Args:
+        zero_stage, precision: The run's ZeRO stage and model dtype.
+        reduce_bucket: ``parallelism.reduce_bucket_size`` (elements).
+        overlap_comm, contiguous_gradients: The ``parallelism`` flags of those names.
+
+    Returns:
+        Bytes of the buckets on one rank's device.
     """
     if zero_stage == 0 or not contiguous_gradients:
         return 0.0
@@ -204,6 +241,13 @@ def largest_fitting(fits: Callable[[int], bool], limit: int = 4096) -> int:
     Example:
         >>> largest_fitting(lambda m: m * 3 <= 100), largest_fitting(lambda m: False)
         (33, 0)
+
+    Args:
+        fits: Whether a micro-batch of that size fits; called O(log limit) times.
+        limit: The largest size tried.
+
+    Returns:
+        The largest size that fits, at most ``limit``.
     """
     if not fits(1):
         return 0
@@ -226,6 +270,14 @@ def deepspeed_model_states(shape: ModelShape, setup: Setup) -> tuple[float, floa
     fp32 training (DeepSpeed counts 16-bit states), LoRA/QLoRA (it counts every parameter as trainable),
     ZeRO-1 (partitions gradients as in stage 2; bf16 ZeRO-1 keeps full fp32 grads), and ZeRO-3, where its
     18/N omits the 16-bit parameter partition itself (2/N; ours is 2/N higher).
+
+    Args:
+        shape: ``params`` and ``largest_module`` are used.
+        setup: ZeRO stage, ranks (as GPUs of one node) and offload.
+
+    Returns:
+        ``(device bytes, cpu bytes)`` from DeepSpeed (the cpu figure is for the whole node), or None for
+        ZeRO-0.
     """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs

@@ -22,7 +22,17 @@ FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "sftdist_sd
 def hf_config(model_cfg):
     """The model's transformers config: from ``model.from_config`` (vocabulary sized to the tokenizer as
     training does, unless ``from_config.vocab_size`` is set), a local directory's config.json, or a hub id's
-    config.json from the local Hugging Face cache (never downloaded here)."""
+    config.json from the local Hugging Face cache (never downloaded here).
+
+    Args:
+        model_cfg: The ``model`` group.
+
+    Returns:
+        A transformers ``PretrainedConfig``.
+
+    Raises:
+        ConfigError: a missing local directory, an unreadable config.json, or a hub id not in the cache.
+    """
     from transformers import AutoConfig
 
     from sftdist.model import check_local_path, load_tokenizer, looks_local
@@ -49,7 +59,15 @@ def hf_config(model_cfg):
 
 def model_shape(config, peft: PeftConfig) -> ModelShape:
     """Count parameters on a model instantiated on the meta device (no memory, no weights), and the LoRA
-    adapter's exactly by applying peft's LoraConfig to it."""
+    adapter's exactly by applying peft's LoraConfig to it.
+
+    Args:
+        config: The model's transformers config (``hf_config``).
+        peft: The ``peft`` group; QLoRA counts as LoRA here, its 4-bit storage is ``memory_plan``'s business.
+
+    Returns:
+        The counts and shapes ``memory_plan`` needs.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +98,16 @@ def model_shape(config, peft: PeftConfig) -> ModelShape:
 def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
                 micro_batch: int) -> dict[str, tuple[float, float]]:
     """Every per-rank line of the table at ``micro_batch``, as ``(device, cpu)`` bytes, with the total last
-    (its activations those of ``parallelism.activation_checkpointing``)."""
+    (its activations those of ``parallelism.activation_checkpointing``).
+
+    Args:
+        shape, setup: The model and how it is trained.
+        cfg: The run config (train lengths, attention, ZeRO buckets).
+        micro_batch: Sequences per micro-batch (the search varies it).
+
+    Returns:
+        Row name -> ``(device bytes, cpu bytes)``.
+    """
     t, p = cfg.train, cfg.parallelism
     labels = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer states"}
     rows = {labels[k]: v for k, v in model_states(shape, setup).items()}
@@ -102,7 +129,14 @@ def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
 
 
 def data_summary(cfg: SFTConfig) -> dict:
-    """Tokens and optimizer steps per epoch, and the run's steps, from the data stage (may tokenise)."""
+    """Tokens and optimizer steps per epoch, and the run's steps, from the data stage (may tokenise).
+
+    Args:
+        cfg: The run config; the data stage runs as ``sftdist-prepare`` runs it, reusing its cache.
+
+    Returns:
+        Counts per epoch and for the run (``train.max_steps``, or ``train.epochs`` of the schedule).
+    """
     from sftdist.data import mix_report
     from sftdist.data_cli import load_data
 
@@ -119,7 +153,17 @@ def data_summary(cfg: SFTConfig) -> dict:
 
 
 def measured_tokens_per_sec(path: Path) -> float:
-    """The median ``tokens_per_sec`` (else ``tokens / step_time_s``) of a run's metrics.jsonl step rows."""
+    """The median ``tokens_per_sec`` (else ``tokens / step_time_s``) of a run's metrics.jsonl step rows.
+
+    Args:
+        path: A run's ``metrics.jsonl``.
+
+    Returns:
+        All ranks' tokens per second, the median over the step rows.
+
+    Raises:
+        ConfigError: no such file, a line that is not JSON, or no step rows.
+    """
     if not path.is_file():
         raise ConfigError(f"--metrics {path}: no such file (give a run's metrics.jsonl)")
     rates = []
@@ -183,7 +227,15 @@ def render(plan: dict) -> str:
 
 
 def build_plan(cfg: SFTConfig, args) -> dict:
-    """Everything sftdist-plan prints, as a JSON-ready dict."""
+    """Everything sftdist-plan prints, as a JSON-ready dict.
+
+    Args:
+        cfg: The composed run config.
+        args: The parsed command-line options (``main``).
+
+    Returns:
+        The plan: setup, model counts, rows, DeepSpeed's estimate, fit and search, data and ETA.
+    """
     import torch
 
     from sftdist.launch import default_nproc
