@@ -3,8 +3,11 @@ the measured CPU runs of bench/zero_memory.py, and the CLI end to end on the tin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -118,12 +121,27 @@ def test_metrics_median(tmp_path):
 
 
 def _plan(*args):
-    return run_cmd([sys.executable, "-c", "from sftdist.plan_cli import main; main()", *args], check=False)
+    """Run sftdist-plan in this process (the imports are paid once), like ``run_cmd``'s result."""
+    from sftdist.plan_cli import main
+
+    out, code, err = io.StringIO(), 0, ""
+    try:
+        with contextlib.redirect_stdout(out):
+            main(list(args))
+    except SystemExit as e:  # sys.exit("sftdist-plan: error: ...") is how main reports an error
+        code, err = 1, str(e.code)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err)
+
+
+def _plan_process(*args, env=None):
+    return run_cmd([sys.executable, "-c", "from sftdist.plan_cli import main; main()", *args], check=False,
+                   env=env)
 
 
 def test_cli_no_data_table_and_json(tmp_path):
     out = tmp_path / "plan.json"
-    proc = _plan("--no-data", "--gpu-mem", "2", "--world-size", "2", "--json", str(out), "parallelism=zero3")
+    proc = _plan_process("--no-data", "--gpu-mem", "2", "--world-size", "2", "--json", str(out),
+                         "parallelism=zero3")
     assert proc.returncode == 0, proc.stderr
     for line in ("parameters", "gradients", "optimizer states", "model states", "activations, checkpointed",
                  "logits + loss", "comm. buckets", "total", "fits 2 GiB per device"):
@@ -201,12 +219,10 @@ def test_cli_reads_a_presets_config_from_the_hub_cache(tmp_path):
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text(json.dumps(QWEN_0_5B))
     out = tmp_path / "plan.json"
-    proc = run_cmd([sys.executable, "-c", "from sftdist.plan_cli import main; main()", "--no-data", "--json",
-                    str(out), "model=qwen2_5_0_5b", "peft=lora"], check=False,
-                   env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    proc = _plan_process("--no-data", "--json", str(out), "model=qwen2_5_0_5b", "peft=lora",
+                         env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert proc.returncode == 0, proc.stderr
     model = json.loads(out.read_text())["model"]
     assert model["params"] > model["trainable"] > 0 and model["vocab"] == 151936
-    proc = run_cmd([sys.executable, "-c", "from sftdist.plan_cli import main; main()", "--no-data",
-                    "model=qwen2_5_0_5b"], check=False, env={"HF_HUB_CACHE": str(tmp_path / "empty")})
+    proc = _plan_process("--no-data", "model=qwen2_5_0_5b", env={"HF_HUB_CACHE": str(tmp_path / "empty")})
     assert "its config.json is not in the local Hugging Face cache" in proc.stderr.splitlines()[-1]
