@@ -119,9 +119,12 @@ def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
     rows["logits + loss"] = (logits_bytes(shape, micro_batch=micro_batch, seq=t.max_length,
                                           precision=setup.precision, lm_head=t.lm_head,
                                           chunk_tokens=t.loss_chunk_tokens), 0.0)
-    rows["comm. buckets"] = (bucket_bytes(zero_stage=p.zero_stage, precision=setup.precision,
-                                          reduce_bucket=p.reduce_bucket_size, overlap_comm=p.overlap_comm,
-                                          contiguous_gradients=p.contiguous_gradients), 0.0)
+    # bf16 ZeRO-1 with fp32 accumulation runs DeepSpeed's BF16_Optimizer, which has no reduction bucket
+    bf16_optimizer = (p.zero_stage == 1 and setup.precision == "bf16" and setup.grad_accum_fp32
+                      and not setup.offload_optimizer)
+    rows["comm. buckets"] = (0.0 if bf16_optimizer else bucket_bytes(
+        zero_stage=p.zero_stage, precision=setup.precision, reduce_bucket=p.reduce_bucket_size,
+        overlap_comm=p.overlap_comm, contiguous_gradients=p.contiguous_gradients), 0.0)
     act = rows["activations, checkpointed" if p.activation_checkpointing else "activations"]
     parts = [rows["model states"], act, rows["logits + loss"], rows["comm. buckets"]]
     rows["total"] = tuple(map(sum, zip(*parts)))
