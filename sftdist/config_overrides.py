@@ -20,7 +20,7 @@ from typing import Any, Optional
 from sftdist.config_checks import ConfigError
 
 NOT_SCHEMA_KEYS = ("hydra",)  # Hydra's own namespace
-GROUPS = ("model", "data", "parallelism", "peft", "train", "logging", "launch", "sweep")  # group=option
+GROUPS = ("model", "data", "parallelism", "peft", "train", "logging", "launch", "sweep", "recipe")  # group=option
 
 
 def _unwrap(tp: Any) -> Any:

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sftdist import attention
+from sftdist.advice import peft_chosen, recipes_chosen, startup_advice
 from sftdist.build_locks import clear_stale_build_locks
 from sftdist.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, load_checkpoint, needs_universal,
                                 save_checkpoint, save_final, saved_state, saved_world_size, universal_checkpoint)
@@ -204,8 +205,9 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
     return engine, model
 
 
-def run(cfg: SFTConfig) -> Path:
-    """Build every component from the typed config, train, export ``final/``; return the run directory."""
+def run(cfg: SFTConfig, *, peft_was_chosen: bool = False) -> Path:
+    """Build every component from the typed config, train, export ``final/``; return the run directory.
+    ``peft_was_chosen``: the command line picked a peft option (no full fine-tuning advice, ``advice.py``)."""
     started = time.time()
     t = cfg.train
     clear_stale_build_locks(cfg.parallelism.build_lock_stale_s)  # before DeepSpeed builds or loads any op
@@ -251,6 +253,9 @@ def run(cfg: SFTConfig) -> Path:
         ds_config["checkpoint"] = {"load_universal": True}
         log(f"checkpoint written by {written_by} rank(s), resuming on {world}: converted to {resume_from}")
     engine, model = build_engine(cfg, tokenizer, ds_config, precision=precision, max_steps=max_steps)
+    for line in startup_advice(cfg, model.config, peft_was_chosen=peft_was_chosen, world=world, precision=precision,
+                               grad_accum_fp32=ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32"):
+        log(line)
     # Only now, with the model loaded and its adapter applied, is the run sure to start: a failure before
     # this point leaves an existing output_dir as it was.
     cfg.output_dir = str(run_dir)
@@ -343,10 +348,13 @@ def restore_best(engine, run_dir: Path, tracker: EvalTracker, *, last_step: int)
 def _hydra_main(raw: DictConfig) -> None:
     try:
         place_sweep_point(raw)  # a multirun point gets its own output_dir, W&B group and run name
-        if note := prefer_named_model(raw, list(HydraConfig.get().overrides.task)):
+        task = list(HydraConfig.get().overrides.task)
+        if note := prefer_named_model(raw, task):
             log(note)
+        if recipes := recipes_chosen(task):
+            log(f"recipe: {', '.join(recipes)} (conf/recipe/; command-line keys override it)")
         cfg: SFTConfig = OmegaConf.to_object(raw)  # the DictConfig stops here: typed dataclasses from now on
-        run(cfg)
+        run(cfg, peft_was_chosen=peft_chosen(task))
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         # A user mistake or a full disk, not a crash: one clear line (from rank 0; every rank fails alike).
         sys.exit(f"sftdist: error: {e}" if is_main() else 2)

@@ -1,7 +1,5 @@
 """Every config file composes and validates; bad overrides fail with messages that name the key."""
 
-from pathlib import Path
-
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -19,7 +17,7 @@ def options(group):
 
 
 def test_all_groups_present():
-    assert GROUPS == ["data", "launch", "logging", "model", "parallelism", "peft", "train"]
+    assert GROUPS == ["data", "launch", "logging", "model", "parallelism", "peft", "recipe", "train"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
