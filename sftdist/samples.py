@@ -91,7 +91,7 @@ def generate_samples(engine, tokenizer, prompts: list[SamplePrompt], *, step: in
     """
     from transformers import GenerationConfig
 
-    model = engine.module
+    model = getattr(engine, "module", engine)  # a DeepSpeed engine, or a bare/PEFT model (sftdist-baseline)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
                               pad_token_id=tokenizer.pad_token_id, use_cache=True)  # training turned the cache off
     dev = next(model.parameters()).device

@@ -152,12 +152,12 @@ def test_wandb_offline_logs_every_metric_into_the_run_dir(tmp_path):
     assert len(read_metrics(run_dir)) == 3
 
 
-def test_lora_shares_the_loop_and_saves_trained_adapter(tmp_path):
+def test_lora_shares_the_loop_and_saves_trained_adapter(trained_runs):
     from safetensors.torch import load_file
 
-    run_dir = tmp_path / "lora"
-    proc = train_single([*FAST, "peft=lora", "train.lr=1e-2", f"output_dir={run_dir}"])
-    assert "trainable" in proc.stdout and "(100.00%)" not in proc.stdout
+    run_dir = trained_runs("single_lora", 0, ["peft=lora", "train.lr=1e-2"])  # shared with test_baseline_runs
+    stdout = (run_dir / "stdout.txt").read_text()
+    assert "trainable" in stdout and "(100.00%)" not in stdout
     adapter = load_file(run_dir / "final" / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     # lora_B starts at zero: non-zero values prove the trained adapter was saved.
