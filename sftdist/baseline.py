@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -236,7 +237,9 @@ def finetuned_model(cfg: SFTConfig, run_dir: Path, tokenizer, precision: str, ba
     if (final / "adapter_config.json").exists():
         from peft import PeftModel
 
-        tuned = PeftModel.from_pretrained(base, str(final))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename
+            tuned = PeftModel.from_pretrained(base, str(final))
         return tuned if cfg.peft.method == "qlora" else tuned.to(device())  # 4-bit weights stay where they load
     model = AutoModelForCausalLM.from_pretrained(str(final), dtype=DTYPES[precision],
                                                  attn_implementation=cfg.model.attn_implementation)
