@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sftdist.baseline import (answer_prompts, base_model, eval_losses, few_shot_data, finetuned_model, run_config)
-from sftdist.config import ConfigError, SFTConfig, compose_config
+from sftdist.config import ConfigError, SFTConfig, compose_config, validate
 
 
 def run_metrics(run_dir: Path) -> Optional[dict[str, Any]]:
@@ -39,7 +39,8 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
         say: Progress lines (stderr in the CLI).
 
     Raises:
-        ConfigError: no source has an eval split, or a model/tokenizer cannot be loaded.
+        ConfigError: a config training would refuse on this machine (one process), no source has an eval
+            split, or a model/tokenizer cannot be loaded.
         DataError: a bad record or a stale data cache.
     """
     from sftdist.data import build_datasets
@@ -48,6 +49,7 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
     from sftdist.samples import generate_samples
 
     t = cfg.train
+    validate(cfg, dp_world=1, has_gpu=has_gpu())  # e.g. qlora or bf16 without a GPU: one line, before any work
     tokenizer = load_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed)
     if not data.has_eval():

@@ -75,21 +75,27 @@ def test_lora_run_measures_its_adapter_on_the_base(trained_runs, tmp_path):
     assert (run_dir / "baseline.html").exists()  # the default page goes into the run directory
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "unfinished", "overrides", "no_eval"])
+@pytest.mark.parametrize("case", ["not_a_run", "unfinished", "overrides", "no_eval", "qlora_on_cpu"])
 def test_bad_inputs_fail_with_one_line(tmp_path, case, capsys):
+    import torch
+
     from sftdist.baseline_cli import main
 
+    if case == "qlora_on_cpu" and torch.cuda.is_available():
+        pytest.skip("a CPU-only refusal")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     args = {"not_a_run": ["--run", str(run_dir)],
             "unfinished": ["--run", str(run_dir)],
             "overrides": ["--run", str(run_dir), "train.max_length=64"],
             "no_eval": [*FAST, "data.sources.0.eval_fraction=0", "data.sources.1.eval_fraction=0",
-                        f"data.cache_dir={tmp_path / 'cache'}"]}[case]
+                        f"data.cache_dir={tmp_path / 'cache'}"],
+            "qlora_on_cpu": [*FAST, "peft=qlora", "model.name_or_path=/nonexistent"]}[case]
     if case == "unfinished":
         (run_dir / "config.yaml").write_text("output_dir: x\n")
     expected = {"not_a_run": "no config.yaml there", "unfinished": "no final/ model yet",
-                "overrides": "drop the overrides", "no_eval": "no data source has an eval split"}[case]
+                "overrides": "drop the overrides", "no_eval": "no data source has an eval split",
+                "qlora_on_cpu": "needs a CUDA GPU"}[case]
     with pytest.raises(SystemExit) as e:
         main(args)
     assert str(e.value).startswith("sftdist-baseline: error: ") and expected in str(e.value)
