@@ -113,7 +113,7 @@ def render_html(report: dict[str, Any]) -> str:
     esc = html.escape
     s = report["settings"]
     parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>sftdist baseline</title>',
-             f"<style>{HTML_STYLE}</style></head><body>", "<h1>sftdist baseline</h1>",
+             f"<style>{HTML_STYLE}\ntd pre{{text-align:left}}</style></head><body>", "<h1>sftdist baseline</h1>",
              f"<p>{esc(s['model'])} ({esc(s['precision'])}), max_length {s['max_length']}"
              + (f", run {esc(s['run'])}" if s["run"] else "") + ". Mean token loss on the eval replies.</p>",
              "<table>", "<tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns(report)) + "</tr>"]
