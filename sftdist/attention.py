@@ -68,6 +68,15 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 
 
+def use_for(model, attn_implementation: str, max_length: int):
+    """Switch a model configured with ``sdpa`` to ``NAME`` where that gives the same result (``fits``):
+    packed documents then attend within themselves without a dense mask. Returns the model."""
+    if attn_implementation == "sdpa" and fits(model.config, max_length):
+        register()
+        model.set_attn_implementation(NAME)
+    return model
+
+
 def fits(config, max_length: int) -> bool:
     """Can this model's sdpa attention be run document by document without changing its result?"""
     window = getattr(config, "sliding_window", None)

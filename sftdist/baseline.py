@@ -21,7 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from sftdist.config import ConfigError, SFTConfig
+from sftdist import attention
+from sftdist.config import ConfigError, SFTConfig, load_run_config
 from sftdist.data import DataError, SourceData, TrainData, make_batch
 from sftdist.data.prepare import OK_STATUSES, dedup_statuses, encode_record, raw_splits
 from sftdist.data.messages import to_conversation
@@ -176,43 +177,12 @@ def run_config(run_dir: Path) -> SFTConfig:
     Raises:
         ConfigError: when ``run_dir`` is no run directory or has no ``final/`` model yet.
     """
-    from omegaconf import OmegaConf
-
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: no config.yaml there: not an sftdist run directory")
     if not (run_dir / "final").is_dir():
         raise ConfigError(f"--run {run_dir}: no final/ model yet (the run has not finished: the training command "
                           f"resumes it)")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig), OmegaConf.load(run_dir / "config.yaml")))
-
-
-def eval_loss_head(model, data: TrainData, cfg: SFTConfig, pad_id: int):
-    """``train.lm_head``, or ``full`` where the supervised head disagrees with the model (as ``choose_head``
-    decides on the training loop's first batch; here on the first eval batch)."""
-    import torch
-
-    from sftdist.forward import LossHead, check_supervised_head
-    from sftdist.parallel import device
-
-    t = cfg.train
-    if t.lm_head != "supervised":
-        return LossHead(t.lm_head, t.loss_chunk_tokens)
-    first = next((s, 0) for s, src in enumerate(data.sources) if src.eval is not None and len(src.eval))
-    batch = {k: v.to(device()) for k, v in make_batch(data, [[first]], pad_id, packed=False, split="eval").items()}
-    model.eval()
-    with torch.random.fork_rng(devices=[]):
-        problem = check_supervised_head(model, batch)
-    return LossHead("full" if problem else t.lm_head, t.loss_chunk_tokens)
-
-
-def with_training_attention(model, cfg: SFTConfig):
-    """The attention kernel the training loop gives the model (``train.build_engine``)."""
-    from sftdist import attention
-
-    if cfg.model.attn_implementation == "sdpa" and attention.fits(model.config, cfg.train.max_length):
-        attention.register()
-        model.set_attn_implementation(attention.NAME)
-    return model
+    return load_run_config(run_dir)
 
 
 def base_model(cfg: SFTConfig, tokenizer, precision: str):
@@ -223,7 +193,8 @@ def base_model(cfg: SFTConfig, tokenizer, precision: str):
 
     model = build_model(cfg.model, tokenizer, precision=precision, seed=cfg.train.seed, activation_checkpointing=False,
                         quantize_4bit=cfg.peft.method == "qlora")
-    return with_training_attention(model, cfg).to(device()) if cfg.peft.method != "qlora" else model
+    attention.use_for(model, cfg.model.attn_implementation, cfg.train.max_length)  # as train.build_engine does
+    return model.to(device()) if cfg.peft.method != "qlora" else model
 
 
 def finetuned_model(cfg: SFTConfig, run_dir: Path, tokenizer, precision: str, base: Any):
@@ -244,25 +215,16 @@ def finetuned_model(cfg: SFTConfig, run_dir: Path, tokenizer, precision: str, ba
     model = AutoModelForCausalLM.from_pretrained(str(final), dtype=DTYPES[precision],
                                                  attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False
-    return with_training_attention(model, cfg).to(device())
+    return attention.use_for(model, cfg.model.attn_implementation, cfg.train.max_length).to(device())
 
 
 def eval_losses(model, data: TrainData, cfg: SFTConfig, tokenizer) -> dict[str, float]:
-    """``eval_loss`` and ``eval_loss/<source>`` of ``model``, computed as the training loop's eval pass is."""
+    """``eval_loss`` and ``eval_loss/<source>`` of ``model``, computed as the training loop's eval pass is
+    (its loss head checked on the first eval record, as ``startup.choose_head`` checks the first batch)."""
     from sftdist.evaluation import evaluate
+    from sftdist.startup import head_for_batch
 
-    head = eval_loss_head(model, data, cfg, tokenizer.pad_token_id)
+    first = next((s, 0) for s, src in enumerate(data.sources) if src.eval is not None and len(src.eval))
+    head = head_for_batch(model, make_batch(data, [[first]], tokenizer.pad_token_id, packed=False, split="eval"),
+                          mode=cfg.train.lm_head, chunk_tokens=cfg.train.loss_chunk_tokens)
     return evaluate(model, data, micro_batch_size=cfg.train.micro_batch_size, pad_id=tokenizer.pad_token_id, head=head)
-
-
-def answer_prompts(data: TrainData, n: int) -> list:
-    """The first ``n`` rows of every eval split as generation prompts (the conversation up to its last
-    scored reply; that reply is the reference)."""
-    from sftdist.samples import SamplePrompt, split_at_last_reply
-
-    out = []
-    for src in data.sources:
-        for i in range(min(n, len(src.eval) if src.eval is not None else 0)):
-            prompt, reply = split_at_last_reply(src.eval[i]["input_ids"], src.eval[i]["labels"])
-            out.append(SamplePrompt(src.name, prompt, reply or None))
-    return out

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from sftdist.baseline import (answer_prompts, base_model, eval_losses, few_shot_data, finetuned_model, run_config)
+from sftdist.baseline import base_model, eval_losses, few_shot_data, finetuned_model, run_config
 from sftdist.config import ConfigError, SFTConfig, compose_config, validate
 
 
@@ -46,7 +46,7 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
     from sftdist.data import build_datasets
     from sftdist.model import load_tokenizer
     from sftdist.parallel import has_gpu, resolve_precision
-    from sftdist.samples import generate_samples
+    from sftdist.samples import eval_split_prompts, generate_samples
 
     t = cfg.train
     validate(cfg, dp_world=1, has_gpu=has_gpu())  # e.g. qlora or bf16 without a GPU: one line, before any work
@@ -64,7 +64,7 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
     precision = resolve_precision(cfg.parallelism.precision, gpu=has_gpu())
     say(f"loading the base model ({precision})")
     model = base_model(cfg, tokenizer, precision)
-    prompts, shot_prompts = answer_prompts(data, answers), answer_prompts(shot_data, answers)
+    prompts, shot_prompts = eval_split_prompts(data, answers), eval_split_prompts(shot_data, answers)
 
     def generate(m, ps) -> list[str]:
         rows = generate_samples(m, tokenizer, ps, step=0, max_new_tokens=max_new_tokens, synced=False)

@@ -346,6 +346,16 @@ def compose_config(overrides: list[str]) -> SFTConfig:
     return OmegaConf.to_object(compose_raw(overrides))
 
 
+def load_run_config(run_dir) -> SFTConfig:
+    """The typed config a run trained with, from its ``config.yaml`` (written fully resolved at its start)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig),
+                                               OmegaConf.load(Path(run_dir) / "config.yaml")))
+
+
 def register_configs() -> None:
     """Register the root schema so that ``conf/config.yaml`` can name it in its defaults, and the
     ``sftdist_minutes`` and ``sftdist_or`` resolvers that ``conf/hydra/launcher/slurm.yaml`` uses."""

@@ -65,19 +65,17 @@ def merge_adapter(run_dir: Path, *, out_name: str = "final_merged") -> Path:
     import json
 
     import torch
-    from omegaconf import OmegaConf
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from sftdist.checkpoint import write_whole_dir
-    from sftdist.config import ConfigError, SFTConfig
+    from sftdist.config import ConfigError, SFTConfig, load_run_config
     from sftdist.model import build_model
 
     final = run_dir / "final"
     if not (final / "adapter_config.json").exists():
         raise ConfigError(f"{final} holds no LoRA adapter (was the run trained with peft=lora?)")
-    cfg: SFTConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SFTConfig),
-                                                         OmegaConf.load(run_dir / "config.yaml")))
+    cfg: SFTConfig = load_run_config(run_dir)
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
     # The run's own setting, never more: final/ keeps a remote-code tokenizer's auto_map.

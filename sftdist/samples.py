@@ -63,9 +63,15 @@ def sample_prompts(data: TrainData, tokenizer, cfg: LoggingConfig) -> list[Sampl
                 ids = tokenizer(text)["input_ids"]
             out.append(SamplePrompt("prompt", list(ids)))
         return out
+    return eval_split_prompts(data, cfg.samples)
+
+
+def eval_split_prompts(data: TrainData, n: int) -> list[SamplePrompt]:
+    """The first ``n`` records of every eval split as prompts: each up to its last trained reply, which is
+    kept as the reference."""
     out = []
     for source in data.sources:
-        for i in range(min(cfg.samples, len(source.eval) if source.eval is not None else 0)):
+        for i in range(min(n, len(source.eval) if source.eval is not None else 0)):
             row = source.eval[i]
             prompt, reply = split_at_last_reply(row["input_ids"], row["labels"])
             out.append(SamplePrompt(source.name, prompt, reply or None))

@@ -57,7 +57,14 @@ def choose_head(engine, data: TrainData, schedule: SampleSchedule, *, mode: str,
     if mode != "supervised":
         return LossHead(mode, chunk_tokens)
     first = schedule.micro_batches(step, rank(), world_size(), micro_batch_size)[0]
-    batch = {k: v.to(device()) for k, v in make_batch(data, first, pad_id, packed=packed).items()}
+    return head_for_batch(engine, make_batch(data, first, pad_id, packed=packed), mode=mode, chunk_tokens=chunk_tokens)
+
+
+def head_for_batch(engine, batch: dict, *, mode: str, chunk_tokens: int) -> LossHead:
+    """``choose_head``'s verdict on a given collated batch (on CPU; every rank calls it)."""
+    if mode != "supervised":
+        return LossHead(mode, chunk_tokens)
+    batch = {k: v.to(device()) for k, v in batch.items()}
     engine.eval()
     with torch.random.fork_rng(devices=[]):
         problem = check_supervised_head(engine, batch)

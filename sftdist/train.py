@@ -193,9 +193,7 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
     model = build_model(cfg.model, tokenizer, precision=precision, seed=t.seed,
                         activation_checkpointing=cfg.parallelism.activation_checkpointing,
                         quantize_4bit=cfg.peft.method == "qlora")
-    if cfg.model.attn_implementation == "sdpa" and attention.fits(model.config, t.max_length):
-        attention.register()  # packed documents attend within themselves without a dense mask
-        model.set_attn_implementation(attention.NAME)
+    attention.use_for(model, cfg.model.attn_implementation, t.max_length)
     model = apply_peft(model, cfg.peft)
     warmup = warmup_steps(t, max_steps)
     engine = wrap_with_deepspeed(
