@@ -24,6 +24,7 @@ Set ``stale_after_s`` above the longest build of any op.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,12 +52,29 @@ def extensions_root() -> Path:
 
 def use_env_extensions_dir() -> Path:
     """Make torch build and load DeepSpeed's ops in this environment's own directory, unless the user set
-    ``TORCH_EXTENSIONS_DIR``; call before DeepSpeed loads any op. Returns the directory now in use.
+    ``TORCH_EXTENSIONS_DIR``, and with this environment's own ``ninja``; call before DeepSpeed loads any op.
+    Returns the directory now in use.
 
-    The variable is inherited by child processes, which are meant to be of the same environment (ranks).
+    Both variables are inherited by child processes, which are meant to be of the same environment (ranks).
     """
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(env_extensions_dir()))
+    use_env_ninja()
     return extensions_root()
+
+
+def use_env_ninja() -> None:
+    """Put this environment's ``bin`` first on ``PATH`` when it has a ``ninja`` (pip's, a dependency) and
+    ``PATH`` would find another one.
+
+    torch runs whichever ``ninja`` ``PATH`` finds, and ninja rebuilds an op whenever the command hashes in
+    its ``.ninja_log`` were written by another ninja version (1.12 changed the hash). A run started with the
+    venv activated (or by SLURM with its ``bin`` on ``PATH``) and one started as ``.venv/bin/python`` with a
+    system ninja then rebuilt every op each time they alternated: ~30-60 s per op.
+    """
+    own = Path(sys.executable).parent / "ninja"
+    found = shutil.which("ninja")
+    if own.is_file() and os.access(own, os.X_OK) and (found is None or not os.path.samefile(found, own)):
+        os.environ["PATH"] = os.pathsep.join([str(own.parent), os.environ.get("PATH", "")])
 
 
 def env_extensions_dir() -> Path:

@@ -62,6 +62,8 @@ def test_root_is_where_torch_builds(root, monkeypatch):
 
     from sftdist.build_locks import extensions_root, use_env_extensions_dir
 
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored afterwards: use_env_extensions_dir may change it
+
     # The user's TORCH_EXTENSIONS_DIR is kept.
     assert use_env_extensions_dir() == extensions_root() == root.resolve() == \
         Path(_get_build_directory("", verbose=False)).resolve()  # "": the root
@@ -166,3 +168,23 @@ def test_training_after_a_killed_build_removes_its_locks(tmp_path, monkeypatch):
     assert not any(lock.exists() for lock in locks)
     assert all(str(lock) in proc.stderr for lock in locks)
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_runs_build_with_their_environments_ninja(tmp_path, monkeypatch):
+    """torch runs the ninja PATH finds, and two ninja versions hash build commands differently, so each
+    rebuilt every op the other had built. A run uses its environment's own ninja whatever PATH says."""
+    from sftdist.build_locks import use_env_ninja
+
+    own = Path(sys.executable).parent / "ninja"
+    if not own.is_file():
+        pytest.skip(f"no ninja beside {sys.executable} (pip's ninja, a dependency, lives there in a venv)")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (other / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    use_env_ninja()
+    assert Path(shutil.which("ninja")).samefile(own)
+    path = os.environ["PATH"]
+    use_env_ninja()  # already first: PATH stays as it is
+    assert os.environ["PATH"] == path
