@@ -1,5 +1,11 @@
 """Shared fixtures: an isolated asset cache, the demo tokenizer, Hydra composition, and helpers that run
-the real entry points (python -m sftdist.train, torchrun, sftdist-launch) in subprocesses."""
+the real entry points (python -m sftdist.train, torchrun, sftdist-launch) in their own processes.
+
+``run_cmd`` forks ``python -m …``/``python -c …`` runs and torchrun-style multi-rank runs from the session's
+fork server (``tests/forkserver.py``), which has imported the stack once; ``fresh=True`` (or
+``SFTDIST_TEST_FRESH=1`` for the whole session) starts a new interpreter instead, for the tests whose
+subject is the interpreter or the launcher.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,26 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.forkserver import ForkServer, ForkedProcess, as_job
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
-# Keep built-in demo assets out of the user's cache; subprocesses inherit this.
-os.environ.setdefault("SFTDIST_CACHE", str(REPO / ".pytest_cache" / "sftdist-assets"))
+# Keep built-in demo assets out of the user's cache; subprocesses inherit this. One cache per pytest-xdist
+# worker (whose environment is the controller's): two workers writing the same asset or data cache at once
+# would read each other's partial files.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEST_CACHE = str(REPO / ".pytest_cache" / "sftdist-assets")
+if os.environ.setdefault("SFTDIST_CACHE", TEST_CACHE) == TEST_CACHE and WORKER:
+    os.environ["SFTDIST_CACHE"] = f"{TEST_CACHE}-{WORKER}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+SESSION_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # before any test changes it
+_fork_server: list[ForkServer] = []
 
 # Small and fast: a few optimizer steps of the tiny model on a slice of the demo data.
 FAST = ["train.max_steps=3", "train.micro_batch_size=2", "train.global_batch_size=8", "train.max_length=96",
@@ -24,9 +40,44 @@ FAST = ["train.max_steps=3", "train.micro_batch_size=2", "train.global_batch_siz
         "data.sources.1.max_samples=16"]
 
 
+SUITE_BUDGET_S = 15 * 60  # the whole suite's wall-time budget on a 2-core CPU machine (CI's kind)
+_session_start: list[float] = []
+
+
+def pytest_sessionstart(session):
+    _session_start.append(time.time())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A loud line when the run took longer than the suite's budget, so that the change that doubled it is
+    seen at once. Not a failure: the machines are noisy, and a partial run never gets near it."""
+    if WORKER or not _session_start:
+        return
+    seconds = time.time() - _session_start[0]
+    if seconds > SUITE_BUDGET_S:
+        terminalreporter.write_line(
+            f"WARNING: the tests took {seconds / 60:.1f} min, over the suite's budget of {SUITE_BUDGET_S / 60:.0f} "
+            f"min (tests/conftest.py SUITE_BUDGET_S): see the slowest tests above, and tests/README.md",
+            red=True, bold=True)
+
+
+def pytest_configure(config):
+    if WORKER:  # each of the N workers computes in-process on its share of the cores
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+
+
 def pytest_collection_modifyitems(config, items):
+    """Skip GPU tests without a GPU. For ``pytest -n N --dist loadgroup`` (``make test``), each test module
+    is one unit of work, so a module's shared runs (module fixtures) are trained once, on one worker; the
+    SLURM tests are one unit, as they share one cluster."""
     import torch
 
+    slurm = REPO / "tests" / "slurm"
+    for item in items:
+        group = "slurm" if slurm in Path(str(item.path)).parents else str(Path(str(item.path)).relative_to(REPO))
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -57,11 +108,62 @@ def compose(overrides: list[str] | None = None):
     return compose_raw(overrides or [])
 
 
-def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a command from the repo root (``env``: extra variables); on failure show its output."""
+def fork_server() -> ForkServer | None:
+    """The session's fork server, started on first use; None under ``SFTDIST_TEST_FRESH=1`` or when it
+    could not start (then every run starts a fresh interpreter, as it would without it)."""
+    if os.environ.get("SFTDIST_TEST_FRESH") == "1":
+        return None
+    if not _fork_server:
+        _fork_server.append(ForkServer(str(REPO), SESSION_ENV))
+    return _fork_server[0] if _fork_server[0].ok else None
+
+
+def start_cmd(cmd: list[str], log: Path, *, env: dict[str, str] | None = None,
+              fresh: bool = False) -> subprocess.Popen | ForkedProcess:
+    """Start ``cmd`` from the repo root in a session of its own (``os.killpg(proc.pid, …)`` reaches all it
+    started), stdout and stderr to the file ``log``; forked from the fork server where it can be."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    job = None if fresh else as_job(cmd)
+    server = fork_server() if job else None
+    if server and server.accepts(env):
+        Path(log).write_text("")
+        return server.start(job[0], env=env, cwd=str(REPO), stdout=str(log), nproc=job[1])
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=Path(log).open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _run_forked(server: ForkServer, cmd: list[str], job, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sftdist-job-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = server.start(job[0], env=env, cwd=str(REPO), stdout=str(out), stderr=str(err), nproc=job[1])
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=out.read_text(errors="replace"),
+                                            stderr=err.read_text(errors="replace"))
+        return subprocess.CompletedProcess(cmd, returncode, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
+
+
+def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True, env: dict[str, str] | None = None,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run a command from the repo root (``env``: extra variables); on failure show its output.
+
+    A ``python -m/-c`` or torchrun-style command is forked from the fork server unless ``fresh``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    job = None if fresh else as_job(cmd)
+    server = fork_server() if job else None
+    if server and server.accepts(env):
+        proc = _run_forked(server, cmd, job, env, timeout)
+    else:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")

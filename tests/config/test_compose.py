@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from sftdist.config import ConfigError, SFTConfig, validate
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, run_cmd
 
 # conf/hydra/ holds Hydra's own groups (the SLURM launcher), conf/sweep/ the optional +sweep presets.
 GROUPS = sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and p.name not in ("hydra", "sweep"))
@@ -31,14 +31,12 @@ def test_every_option_composes_and_validates(group, option):
 
 
 def test_sweep_presets_and_slurm_launcher_compose():
-    import subprocess
     import sys
 
     import yaml
 
     def composed(*overrides):
-        out = subprocess.run([sys.executable, "-m", "sftdist.train", *overrides, "--cfg", "all", "--resolve"],
-                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+        out = run_cmd([sys.executable, "-m", "sftdist.train", *overrides, "--cfg", "all", "--resolve"]).stdout
         return yaml.safe_load(out)
 
     assert composed("+sweep=lr")["hydra"]["sweeper"]["params"] == {"train.lr": "1e-5,2e-5,5e-5"}

@@ -17,17 +17,15 @@ from pathlib import Path
 import pytest
 
 from sftdist.hostinfo import free_port
-from tests.conftest import FAST, REPO, run_cmd
+from tests.conftest import FAST, run_cmd, start_cmd
 
 TIMEOUT_S = 20  # parallelism.collective_timeout_s for the agent-less ranks
 LONG = [*[a for a in FAST if not a.startswith("train.max_steps=")], "train.max_steps=100000"]  # still mid-run
 
 
-def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, fresh: bool = False, **env: str):
     """``cmd`` in a session of its own, so that ``kill_all`` also ends what it started (torchrun's ranks)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return start_cmd(cmd, log, env=env, fresh=fresh)
 
 
 def kill_all(proc: subprocess.Popen) -> None:
@@ -68,7 +66,7 @@ def exit_within(proc: subprocess.Popen, limit_s: float) -> tuple[int, float]:
 def test_torchrun_names_the_killed_rank(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     agent = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "sftdist.train", *LONG, f"output_dir={run_dir}"], log)
+                   "-m", "sftdist.train", *LONG, f"output_dir={run_dir}"], log, fresh=True)  # the real agent
     try:
         wait_for_first_step(run_dir, [agent], [log])
         import psutil  # a DeepSpeed dependency
@@ -117,8 +115,11 @@ def test_survivor_exits_when_its_peer_is_lost(tmp_path, how):
     assert rc != 0, out[-3000:]
     assert "sftdist rank 0: error: a collective failed" in out, out[-3000:]
     if how == "stop":
-        assert seconds >= TIMEOUT_S - 2, "ended before the timeout: not by it"
+        # The message names the timeout as the cause. The clock only rules out a much earlier end: the survivor
+        # may already have waited in the collective for a while when the SIGSTOP landed (25 s measured
+        # under load against a bound of TIMEOUT_S - 2), so its bound is loose.
         assert f"no answer from a peer rank for {TIMEOUT_S} s" in out
+        assert seconds >= TIMEOUT_S / 2, "ended long before the timeout: not by it"
     else:
         assert "a peer rank is gone" in out
 

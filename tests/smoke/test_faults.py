@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from sftdist.checkpoint import latest_checkpoint
-from tests.conftest import FAST, REPO, read_metrics, run_cmd, train_single, train_torchrun
+from tests.conftest import FAST, read_metrics, run_cmd, start_cmd, train_single, train_torchrun
 
 WRAPPER = r'''
 import errno, os, signal
@@ -238,13 +238,7 @@ def test_really_full_disk(small_tmpfs, reference):
     assert losses(run_dir) == reference("kill")
 
 
-def start(cmd: list[str], log) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group, output to ``log`` (a file: nobody reads a pipe meanwhile)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def sigterm_after_first_step(proc: subprocess.Popen, run_dir, log_path) -> None:
+def sigterm_after_first_step(proc, run_dir, log_path) -> None:
     """SIGTERM to the whole process group (the launcher and every rank) once step 1 is in metrics.jsonl."""
     deadline = time.time() + 300
     while not ((run_dir / "metrics.jsonl").exists() and read_metrics(run_dir)):
@@ -260,9 +254,9 @@ def test_sigterm_exits_75_and_the_same_command_resumes(tmp_path, reference, npro
     args = [*LONG_RUN, f"output_dir={run_dir}"]
     launcher = [sys.executable, "-m", "sftdist.train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sftdist.train"]
-    with log_path.open("w") as log:
-        proc = start([*launcher, *args], log)
-        sigterm_after_first_step(proc, run_dir, log_path)
+    # The real torchrun for 2 ranks: its own handling of the SIGTERM is part of what is tested.
+    proc = start_cmd([*launcher, *args], log_path, fresh=nproc == 2)
+    sigterm_after_first_step(proc, run_dir, log_path)
     out = log_path.read_text()
     step = read_metrics(run_dir)[-1]["step"]
     assert 1 <= step < 24 and "stopping early (SIGTERM received)" in out, out[-4000:]

@@ -3,9 +3,7 @@ statistics table, the HTML page, and the CLI end to end."""
 
 import doctest
 import json
-import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +13,7 @@ from sftdist.config import DataConfig, DataSource
 from sftdist.data import build_datasets, build_schedule
 from sftdist.data.inspect import (decode_runs, format_table, highlight_tokens, inspect_report,
                                   length_percentiles, supervised_runs)
-from tests.conftest import REPO
+from tests.conftest import run_cmd
 
 MAX_LEN = 128
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -152,11 +150,9 @@ def test_html_page_escapes_and_highlights(tmp_path, demo_tokenizer):
 
 
 def test_cli_inspect_end_to_end(tmp_path):
-    env = {**os.environ, "SFTDIST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", "from sftdist.data_cli import data_main; data_main()", "inspect", "--n", "1",
            "--color", "never", "data.sources.0.max_samples=20", "train.max_length=128"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_cmd(cmd, env={"SFTDIST_CACHE": str(tmp_path / "cache")})
     assert "[[" in proc.stdout and "]]" in proc.stdout and "\x1b" not in proc.stdout
     assert "=== demo_chat #0" in proc.stdout and "=== demo_generic #0" in proc.stdout
     assert 0 < int(table_row(proc.stdout, "demo_chat")[2]) <= 20  # max_samples, less held-out eval records

@@ -5,8 +5,6 @@ those records and the mix report counts them; the CLI writes its JSON and HTML."
 
 import doctest
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +15,7 @@ from sftdist.config import ConfigError, DataConfig, DataSource
 from sftdist.data import build_datasets, build_schedule, mix_report
 from sftdist.data.prepare import cache_key
 from sftdist.data.quality_report import quality_report
-from tests.conftest import REPO
+from tests.conftest import run_cmd
 
 LONG = ("Photosynthesis lets plants turn light, water and carbon dioxide into sugar and oxygen, which feeds "
         "almost every food chain on the planet and keeps the air breathable for animals.")
@@ -266,12 +264,10 @@ def test_cli_writes_json_and_html(tmp_path, demo_tokenizer):
     rows = synthetic()
     src = write_jsonl(tmp_path / "s.jsonl", rows)
     out_json, out_html = tmp_path / "q.json", tmp_path / "q.html"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", "from sftdist.data_cli import data_main; data_main()", "quality",
            "--json", str(out_json), "--html", str(out_html), "--near-threshold", "0.9",
            f"data.sources=[{{name: mine, path: {src}, format: messages}}]", "train.max_length=64"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_cmd(cmd)
     found = json.loads(out_json.read_text())["sources"]["mine"]["train"]
     assert found["exact_duplicates"]["count"] == 2 and found["near_duplicates"]["count"] == 1
     assert found["cut_replies"]["count"] == 3 and json.loads(out_json.read_text())["settings"]["near_threshold"] == 0.9
