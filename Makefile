@@ -24,8 +24,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/sftdist-launch $(ARGS)
 
+# tests/run.sh: the suite in two pytest-xdist workers (TEST_WORKERS=0: one process), then the SLURM tier
+# on its own; the total time against the suite's budget. PYTEST_ARGS go to both phases.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PY=$(PY) TEST_WORKERS=$(TEST_WORKERS) bash tests/run.sh $(PYTEST_ARGS)
 
 # make bench: sftdist vs TRL SFTTrainer, interleaved, on this machine (needs ../shared); TRL lives in its
 # own venv so that .venv stays as `make setup` builds it. ARGS go to the script (see bench/README.md).

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,27 +39,6 @@ FAST = ["train.max_steps=3", "train.micro_batch_size=2", "train.global_batch_siz
         "data.sources.1.max_samples=16"]
 
 
-SUITE_BUDGET_S = 15 * 60  # the whole suite's wall-time budget on a 2-core CPU machine (CI's kind)
-_session_start: list[float] = []
-
-
-def pytest_sessionstart(session):
-    _session_start.append(time.time())
-
-
-def pytest_terminal_summary(terminalreporter):
-    """A loud line when the run took longer than the suite's budget, so that the change that doubled it is
-    seen at once. Not a failure: the machines are noisy, and a partial run never gets near it."""
-    if WORKER or not _session_start:
-        return
-    seconds = time.time() - _session_start[0]
-    if seconds > SUITE_BUDGET_S:
-        terminalreporter.write_line(
-            f"WARNING: the tests took {seconds / 60:.1f} min, over the suite's budget of {SUITE_BUDGET_S / 60:.0f} "
-            f"min (tests/conftest.py SUITE_BUDGET_S): see the slowest tests above, and tests/README.md",
-            red=True, bold=True)
-
-
 def pytest_configure(config):
     if WORKER:  # each of the N workers computes in-process on its share of the cores
         import torch
@@ -68,6 +46,7 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Skip GPU tests without a GPU. For ``pytest -n N --dist loadgroup`` (``make test``), each test module
     is one unit of work, so a module's shared runs (module fixtures) are trained once, on one worker; the

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# The SLURM tier runs in its own serial phase of `make test` (tests/run.sh), not beside other tests.
+pytestmark = pytest.mark.slurm
+
 # --------------------------------------------------------------------------------------------- helpers
 
 
@@ -138,6 +141,7 @@ if [ -z "${{SLURM_RESTART_COUNT-}}" ]; then exec sleep 300; fi
 
 SELF_REQUEUE_RANK = r'''
 import os, signal, subprocess, sys, time
+
 d = sys.argv[1]
 rank, restart = os.environ["SLURM_PROCID"], os.environ.get("SLURM_RESTART_COUNT")
 log = open(os.path.join(d, "rank%s.log" % rank), "a", buffering=1)

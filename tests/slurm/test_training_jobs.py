@@ -11,6 +11,9 @@ import pytest
 
 from tests.conftest import FAST, REPO, read_metrics
 
+# The SLURM tier runs in its own serial phase of `make test` (tests/run.sh), not beside other tests.
+pytestmark = pytest.mark.slurm
+
 STEPS = [*FAST, "train.max_steps=24", "train.lr=1e-2", "launch=slurm", "launch.gpus_per_node=0",
          "launch.time=00:15:00"]
 

@@ -32,7 +32,7 @@ def test_docstring_examples():
 def test_launcher_imports_no_torch():
     code = ("import sys; from sftdist.launch import main; main(['--dry-run']); "
             "bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; assert not bad, bad")
-    run_cmd([sys.executable, "-c", code])
+    run_cmd([sys.executable, "-c", code], fresh=True)  # what a fresh interpreter imports is the point
 
 
 def test_multi_node_commands():
