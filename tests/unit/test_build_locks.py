@@ -156,10 +156,11 @@ def test_lock_that_cannot_be_removed_names_the_file(root, clear, monkeypatch):
 def test_training_after_a_killed_build_removes_its_locks(tmp_path, monkeypatch):
     from sftdist.build_locks import env_extensions_dir
 
-    built = env_extensions_dir()  # where this environment's runs build their ops
+    built = env_extensions_dir()  # where this environment's runs (and `make setup`'s prebuild_ops) build ops
     ext = tmp_path / "ext"
     if built.is_dir():  # the ops already built, so the run links them instead of compiling (mtimes kept)
         shutil.copytree(built, ext, symlinks=True)
+    libraries = {so: so.stat().st_mtime for so in ext.glob("*/*.so")}
     locks = [make_lock(ext, op, age_s=3600) for op in OPS]
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
     # Without the clean-up, DeepSpeed waits on the first lock forever and this times out.
@@ -168,6 +169,8 @@ def test_training_after_a_killed_build_removes_its_locks(tmp_path, monkeypatch):
     assert not any(lock.exists() for lock in locks)
     assert all(str(lock) in proc.stderr for lock in locks)
     assert (tmp_path / "run" / "final").is_dir()
+    # What was built before (by prebuild_ops on a fresh machine) is what a run loads: nothing was rebuilt.
+    assert {so: so.stat().st_mtime for so in libraries} == libraries
 
 
 def test_runs_build_with_their_environments_ninja(tmp_path, monkeypatch):
