@@ -20,7 +20,7 @@ second=$?
 seconds=$(( $(date +%s) - start ))
 echo "tests: ${seconds} s in all (budget ${BUDGET_S} s)"
 if (( seconds > BUDGET_S )); then
-  echo "WARNING: the tests took $(( seconds / 60 )) min, over the suite's budget of $(( BUDGET_S / 60 )) min"
+  echo "WARNING: the tests took ${seconds} s, over the suite's budget of ${BUDGET_S} s ($(( BUDGET_S / 60 )) min)"
   echo "WARNING: see the slowest tests above, and tests/README.md"
 fi
 if (( first == 5 && second == 5 )); then exit 5; fi  # no test ran at all
