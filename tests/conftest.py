@@ -97,16 +97,22 @@ def fork_server() -> ForkServer | None:
     return _fork_server[0] if _fork_server[0].ok else None
 
 
+def _forkable(cmd: list[str], env: dict[str, str], fresh: bool):
+    """``(server, (argv, nproc))`` when ``cmd`` with ``env`` may be forked from the fork server, else None."""
+    job = None if fresh else as_job(cmd)
+    server = fork_server() if job else None
+    return (server, job) if server and server.accepts(env) else None
+
+
 def start_cmd(cmd: list[str], log: Path, *, env: dict[str, str] | None = None,
               fresh: bool = False) -> subprocess.Popen | ForkedProcess:
     """Start ``cmd`` from the repo root in a session of its own (``os.killpg(proc.pid, …)`` reaches all it
     started), stdout and stderr to the file ``log``; forked from the fork server where it can be."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    job = None if fresh else as_job(cmd)
-    server = fork_server() if job else None
-    if server and server.accepts(env):
+    if forkable := _forkable(cmd, env, fresh):
+        (server, (argv, nproc)) = forkable
         Path(log).write_text("")
-        return server.start(job[0], env=env, cwd=str(REPO), stdout=str(log), nproc=job[1])
+        return server.start(argv, env=env, cwd=str(REPO), stdout=str(log), nproc=nproc)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=Path(log).open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -137,10 +143,8 @@ def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True, env: dict
 
     A ``python -m/-c`` or torchrun-style command is forked from the fork server unless ``fresh``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    job = None if fresh else as_job(cmd)
-    server = fork_server() if job else None
-    if server and server.accepts(env):
-        proc = _run_forked(server, cmd, job, env, timeout)
+    if forkable := _forkable(cmd, env, fresh):
+        proc = _run_forked(forkable[0], cmd, forkable[1], env, timeout)
     else:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -43,7 +43,9 @@ import runpy
 import select
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -300,8 +302,6 @@ class ForkedProcess:
             line = self._line(None if deadline is None else deadline - time.monotonic())
             if line is None:
                 if _raise:
-                    import subprocess
-
                     raise subprocess.TimeoutExpired(self.args, timeout)
                 return None
             self.returncode = json.loads(line)["returncode"]
@@ -323,9 +323,6 @@ class ForkServer:
     """The server process of this test session (started on first use; stopped with the session)."""
 
     def __init__(self, repo: str, env: dict):
-        import subprocess
-        import tempfile
-
         self.env = {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.socket = os.path.join(tempfile.mkdtemp(prefix="sftdist-fork-"), "server.sock")
         self.log = self.socket.replace("server.sock", "server.log")
