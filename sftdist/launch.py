@@ -12,12 +12,13 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 from sftdist.config import ConfigError, LaunchConfig, SFTConfig, compose_config
 from sftdist.hostinfo import free_port, visible_gpus
-from sftdist.slurm import job_name_of, prepare_script, train_script
+from sftdist.slurm import job_exit_status, job_name_of, prepare_script, train_script
 
 USAGE = "usage: sftdist-launch [--dry-run] [--wait] [key=value ...]"
 
@@ -107,12 +108,29 @@ def submit_slurm(cfg: SFTConfig, overrides: list[str], *, dry_run: bool, wait: b
         prepare_id = sbatch([str(run_dir / "prepare.sbatch")])
         print(f"submitted data preparation job {prepare_id}", flush=True)
         dependency = [f"--dependency=afterok:{prepare_id}"]
-    if wait:
-        proc = subprocess.run(["sbatch", "--wait", *dependency, str(run_dir / "job.sbatch")])
-        return proc.returncode
-    print(f"submitted training job {sbatch([*dependency, str(run_dir / 'job.sbatch')])}; log: "
-          f"{run_dir}/slurm-<job id>.out", flush=True)
-    return 0
+    job_id = sbatch([*dependency, str(run_dir / "job.sbatch")])
+    print(f"submitted training job {job_id}; log: {run_dir}/slurm-{job_id}.out", flush=True)
+    return wait_for_job(job_id) if wait else 0
+
+
+def wait_for_job(job_id: str) -> int:
+    """Wait until the job is over (through requeues) and return its exit status (``job_exit_status``).
+
+    Polls ``scontrol show job`` every second for the first minute, then every 10 s: ``sbatch --wait`` backs
+    off between its polls and noticed the end of a 12 s job about 30 s late."""
+    start = time.monotonic()
+    while True:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"sftdist-launch: job {job_id} is no longer known to SLURM: {proc.stderr.strip()}")
+        status = job_exit_status(proc.stdout)
+        if status is not None:
+            if "DependencyNeverSatisfied" in proc.stdout:
+                subprocess.run(["scancel", job_id])
+                print(f"sftdist-launch: the data preparation job failed, so training job {job_id} can never "
+                      "start; cancelled it (see slurm-prepare-*.out in the run directory)", file=sys.stderr)
+            return status
+        time.sleep(1.0 if time.monotonic() - start < 60 else 10.0)
 
 
 def sbatch(args: list[str]) -> str:

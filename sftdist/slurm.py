@@ -101,3 +101,39 @@ def prepare_script(launch: LaunchConfig, *, python: str, cwd: Path, overrides: l
                            nodes=1, tasks_per_node=1, gpus=False)
     body = [shlex.join([python, "-c", "from sftdist.data_cli import prepare_main; prepare_main()", *overrides])]
     return _script(header, launch, cwd, body, "sftdist data preparation job")
+
+
+# JobStates after which a job never runs again (a requeued job passes through REQUEUED and PENDING instead).
+FINISHED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                             "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"})
+
+
+def job_exit_status(record: str) -> int | None:
+    """The exit status of a finished job from its ``scontrol show job -o`` line, or None while it can still run.
+
+    Like ``sbatch --wait``: the batch script's status, or 128 + the signal that ended it; a job that ended
+    badly (TIMEOUT, NODE_FAIL, ...) is never 0. A job whose dependency can never be met is over too (1).
+
+    Example:
+        >>> job_exit_status("JobId=7 JobState=COMPLETED Reason=None ExitCode=0:0")
+        0
+        >>> job_exit_status("JobId=7 JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0")
+        3
+        >>> job_exit_status("JobId=7 JobState=CANCELLED Reason=None ExitCode=0:15")
+        143
+        >>> job_exit_status("JobId=7 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:0")
+        1
+        >>> job_exit_status("JobId=7 JobState=PENDING Reason=DependencyNeverSatisfied ExitCode=0:0")
+        1
+        >>> job_exit_status("JobId=7 JobState=REQUEUED Reason=None ExitCode=0:0") is None
+        True
+    """
+    fields = dict(f.split("=", 1) for f in record.split() if "=" in f)
+    state = fields.get("JobState", "")
+    if state == "PENDING" and fields.get("Reason") == "DependencyNeverSatisfied":
+        return 1
+    if state not in FINISHED_STATES:
+        return None
+    status, _, signal = fields.get("ExitCode", "1:0").partition(":")
+    code = 128 + int(signal) if signal and int(signal) else int(status)
+    return code if code or state == "COMPLETED" else 1
