@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e '.[dev]'
-	OMP_NUM_THREADS=1 $(PY) -m sftdist.prebuild_ops
+	OMP_NUM_THREADS=1 $(PY) -m sftdist.engine.prebuild_ops
 	touch $(STAMP)
 
 setup: $(STAMP)

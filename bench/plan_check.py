@@ -1,4 +1,4 @@
-"""Check sftdist-plan's arithmetic (``sftdist/memory_plan.py``) against measurements on this machine.
+"""Check sftdist-plan's arithmetic (``sftdist/engine/memory_plan.py``) against measurements on this machine.
 
 1. Model states: the planner's params + grads + optimizer per rank against the measured 2-rank fp32 CPU runs
    recorded by ``bench/zero_memory.py`` in ``bench/RESULTS.md`` (numbers copied below).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sftdist.memory_plan import ModelShape, Setup, activation_bytes, model_states
+from sftdist.engine.memory_plan import ModelShape, Setup, activation_bytes, model_states
 
 MIB = 2**20
 # bench/RESULTS.md, "ZeRO per-rank memory", run 2026-11-25: params+grads+optimizer MiB (larger rank)

@@ -22,13 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
+    from train_vs_trl import model_config
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import sftdist.forward
-    from sftdist import attention
-    from sftdist.forward import supervised_losses
-
-    from train_vs_trl import model_config
+    import sftdist.engine.forward
+    from sftdist.engine import attention
+    from sftdist.engine.forward import supervised_losses
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", choices=["micro", "small"])
@@ -44,7 +43,7 @@ def main() -> None:
         attention.register()
         model.set_attn_implementation(attention.NAME)
     if args.loss == "torch":
-        sftdist.forward.token_cross_entropy = lambda logits, targets: torch.nn.functional.cross_entropy(
+        sftdist.engine.forward.token_cross_entropy = lambda logits, targets: torch.nn.functional.cross_entropy(
             logits, targets, reduction="none")
     rows, width = 8, 512
     position_ids = torch.cat([torch.arange(200), torch.arange(180), torch.arange(132)]).repeat(rows, 1)

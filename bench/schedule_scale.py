@@ -49,7 +49,7 @@ def synthetic_data(root: Path, samples: int, max_length: int):
     import numpy as np
     import pyarrow as pa
 
-    from sftdist.data import SourceData, TrainData
+    from sftdist.data.build import SourceData, TrainData
 
     rng = np.random.default_rng(0)
     sources = []
@@ -78,7 +78,7 @@ def worker(samples: int, max_length: int, global_batch: int, resume_epoch: int) 
     import datasets
 
     from sftdist.config import DataConfig
-    from sftdist.data import build_schedule, mix_report
+    from sftdist.data.build import build_schedule, mix_report
 
     datasets.disable_progress_bars()
     cfg = DataConfig(packing=True)

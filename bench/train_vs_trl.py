@@ -102,8 +102,8 @@ def sftdist_worker(case: dict, work: Path) -> dict:
     from datasets import load_from_disk
 
     from sftdist.config import compose_config
-    from sftdist.data import prepare_all
-    from sftdist.model import load_tokenizer
+    from sftdist.data.build import prepare_all
+    from sftdist.engine.model import load_tokenizer
 
     cfg_model = model_config(case["preset"], 0)
     cfg_model.pop("vocab_size")

@@ -3,8 +3,8 @@
 For each model and stage, the script launches ``python -m torch.distributed.run --standalone
 --nproc_per_node 2`` on a worker (this file with ``--worker``) that runs ``sftdist.train.run`` in-process,
 i.e. what ``python -m sftdist.train <overrides>`` runs, with probes around the phases that ``run`` calls by
-name (``build_model``, ``wrap_with_deepspeed``, ``train_loop``, ``save_final``, swapped in
-``sftdist.train``'s namespace):
+name (``build_model``, ``wrap_with_deepspeed``, ``train_loop``, ``save_final``, swapped in the modules
+``run`` looks them up in):
 
 - at the start of each phase it resets the kernel's peak-RSS counter (``/proc/self/clear_refs``) and at its
   end reads it (``VmHWM``), giving each rank's peak resident memory per phase;
@@ -55,9 +55,10 @@ MODELS = {
                       "model.from_config.num_hidden_layers=8", "model.from_config.num_attention_heads=8",
                       "model.from_config.num_key_value_heads=4"],
 }
-# Phase name -> the function sftdist.train.run calls for it (looked up in sftdist.train's namespace).
-PHASE_FUNCTIONS = {"build": "build_model", "engine": "wrap_with_deepspeed", "train": "train_loop",
-                   "export": "save_final"}
+# Phase name -> (module, function) that sftdist.train.run calls for it, looked up in that module's namespace.
+PHASE_FUNCTIONS = {"build": ("sftdist.engine.model", "build_model"),
+                   "engine": ("sftdist.engine.deepspeed_wrap", "wrap_with_deepspeed"),
+                   "train": ("sftdist.train", "train_loop"), "export": ("sftdist.lifecycle.checkpoint", "save_final")}
 STATE = ("params", "grads", "optimizer")
 
 
@@ -130,12 +131,14 @@ def worker(out: Path, overrides: list[str]) -> None:
 
     import sftdist.train as train
     from sftdist.config import compose_config
-    from sftdist.parallel import rank
+    from sftdist.engine.distributed import rank
 
     cfg = compose_config(overrides)
     last_step = cfg.train.max_steps - 1
     probe: dict = {"censuses": [], "peak_kib": {"other": 0}, "peak_reset": True}
-    originals = {name: getattr(train, fn) for name, fn in PHASE_FUNCTIONS.items()}
+    import importlib
+
+    originals = {name: getattr(importlib.import_module(m), fn) for name, (m, fn) in PHASE_FUNCTIONS.items()}
 
     def start_phase() -> None:
         # Whatever ran since the last phase ended (PEFT, param groups, logger setup) is folded into "other".
@@ -176,8 +179,8 @@ def worker(out: Path, overrides: list[str]) -> None:
 
     probed = {"build": build_model, "engine": wrap_with_deepspeed,
               "train": timed("train", originals["train"]), "export": timed("export", originals["export"])}
-    for name, fn in PHASE_FUNCTIONS.items():
-        setattr(train, fn, probed[name])
+    for name, (module, fn) in PHASE_FUNCTIONS.items():
+        setattr(importlib.import_module(module), fn, probed[name])
     start = time.time()
     train.run(cfg)
     start_phase()
@@ -197,7 +200,7 @@ def worker(out: Path, overrides: list[str]) -> None:
 
 def prepare_data(tmp: Path) -> None:
     """Fill the tokenised-data cache once, so that no measured run tokenises."""
-    prepare = "from sftdist.data_cli import prepare_main; prepare_main()"  # the sftdist-prepare entry point
+    prepare = "from sftdist.tools.data_cli import prepare_main; prepare_main()"  # the sftdist-prepare entry point
     subprocess.run([sys.executable, "-c", prepare, *COMMON, f"data.cache_dir={tmp / 'data_cache'}"],
                    cwd=REPO, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 

@@ -22,9 +22,10 @@ class ModelLoaded(Exception):
 
 
 def run_case(argv: list[str], pre_model: bool) -> dict:
+    import sftdist.engine.model as models
     import sftdist.train as train
 
-    real_build = train.build_model
+    real_build = models.build_model
     loaded = []
 
     def build_model(*args, **kwargs):
@@ -33,7 +34,7 @@ def run_case(argv: list[str], pre_model: bool) -> dict:
             raise ModelLoaded("the model was loaded before the error")
         return real_build(*args, **kwargs)
 
-    train.build_model = build_model
+    models.build_model = build_model  # where sftdist.train looks it up
     out = io.StringIO()
     code = 0
     try:
@@ -50,7 +51,7 @@ def run_case(argv: list[str], pre_model: bool) -> dict:
         out.write(f"Traceback (escaped the CLI): {type(e).__name__}: {e}\n")
         code = 1
     finally:
-        train.build_model = real_build
+        models.build_model = real_build
     return {"exit": code if code is not None else 0, "output": out.getvalue(), "model_loaded": bool(loaded)}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.forkserver import ForkServer, ForkedProcess, as_job
+from tests.forkserver import ForkedProcess, ForkServer, as_job
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -68,7 +68,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     from sftdist.config import ModelConfig
-    from sftdist.model import load_tokenizer
+    from sftdist.engine.model import load_tokenizer
 
     return load_tokenizer(ModelConfig(tokenizer="builtin:demo", from_config={"model_type": "llama"}))
 

@@ -58,8 +58,8 @@ PRELOAD = (
     "transformers", "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
     "transformers.modeling_utils", "transformers.trainer_pt_utils", "peft", "datasets", "safetensors.torch",
     "hydra", "hydra.main", "omegaconf", "hydra._internal.utils", "hydra.core.utils", "tqdm", "psutil",
-    "sftdist.train", "sftdist.launch", "sftdist.export", "sftdist.plot", "sftdist.sweep_report",
-    "sftdist.data_cli", "sftdist.plan_cli", "sftdist.baseline_cli",
+    "sftdist.train", "sftdist.cli", "sftdist.cluster.launch", "sftdist.lifecycle.export", "sftdist.tools.plot",
+    "sftdist.tools.sweep_report", "sftdist.tools.data_cli", "sftdist.tools.plan", "sftdist.tools.baseline_cli",
 )
 RANK_GRACE_S = 30  # torchrun's default shutdown timeout: SIGTERM, then SIGKILL
 
@@ -348,7 +348,7 @@ class ForkServer:
 
     def start(self, argv: list[str], *, env: dict, cwd: str, stdout: str, stderr: str | None = None,
               nproc: int = 0) -> ForkedProcess:
-        from sftdist.hostinfo import free_port
+        from sftdist.cluster.launch import free_port
 
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.socket)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sftdist.hostinfo import free_port
+from sftdist.cluster.launch import free_port
 from tests.conftest import FAST, run_cmd, start_cmd
 
 TIMEOUT_S = 20  # parallelism.collective_timeout_s for the agent-less ranks
@@ -134,7 +134,7 @@ def test_collective_timeout_must_be_positive():
 GROUP_TIMEOUTS = '''\
 import torch
 from deepspeed.utils import groups
-from sftdist.parallel import _slow_group, init_distributed
+from sftdist.engine.distributed import _slow_group, init_distributed
 
 init_distributed(timeout_s=7)
 timeout = lambda group: group._get_backend(torch.device("cpu")).options._timeout
@@ -152,6 +152,7 @@ def test_deepspeed_groups_get_the_collective_timeout():
 
 BROKEN_EXPORT = '''\
 import os
+import sftdist.lifecycle.checkpoint
 import sftdist.train
 
 def save_final(*args, **kwargs):
@@ -159,7 +160,7 @@ def save_final(*args, **kwargs):
         raise OSError(28, "No space left on device (injected by test_dead_rank)")
     return original(*args, **kwargs)
 
-original, sftdist.train.save_final = sftdist.train.save_final, save_final
+original, sftdist.lifecycle.checkpoint.save_final = sftdist.lifecycle.checkpoint.save_final, save_final
 sftdist.train.main()
 '''
 

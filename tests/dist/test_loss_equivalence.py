@@ -27,7 +27,7 @@ REFERENCE_STAGE = 2
 def initial():
     """The tiny model exactly as every from-config run initialised it (same config, same seed)."""
     from sftdist.config import compose_config
-    from sftdist.model import build_model, load_tokenizer
+    from sftdist.engine.model import build_model, load_tokenizer
 
     cfg = compose_config([])
     return build_model(cfg.model, load_tokenizer(cfg.model), precision="fp32", activation_checkpointing=False,

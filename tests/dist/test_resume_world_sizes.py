@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sftdist.parallel import free_port
+from sftdist.cluster.launch import free_port
 from tests.conftest import FAST, REPO, read_metrics, train_single, train_torchrun
 
 SIX = [*FAST, "train.max_steps=6", "train.lr=1e-2"]

@@ -16,10 +16,11 @@ WORKER = textwrap.dedent('''
     import torch
     from safetensors.torch import load_file
 
-    from sftdist.checkpoint import save_final
+    from sftdist.lifecycle.checkpoint import save_final
     from sftdist.config import compose_config
-    from sftdist.model import load_tokenizer
-    from sftdist.parallel import build_ds_config, init_distributed, is_main, world_size
+    from sftdist.engine.model import load_tokenizer
+    from sftdist.engine.deepspeed_wrap import build_ds_config
+    from sftdist.engine.distributed import init_distributed, is_main, world_size
     from sftdist.train import build_engine
 
     out = Path(sys.argv[1])

@@ -22,9 +22,9 @@ WORKER = textwrap.dedent('''
     import torch
 
     from sftdist.config import compose_config
-    from sftdist.model import build_model, load_tokenizer
-    from sftdist.parallel import (build_ds_config, has_gpu, init_distributed, rank, resolve_precision,
-                                  world_size, zero3_init_context)
+    from sftdist.engine.model import build_model, load_tokenizer
+    from sftdist.engine.deepspeed_wrap import build_ds_config, resolve_precision, zero3_init_context
+    from sftdist.engine.distributed import has_gpu, init_distributed, rank, world_size
 
     out, pretrained = Path(sys.argv[1]), sys.argv[2]
     init_distributed()
@@ -77,7 +77,7 @@ WORKER = textwrap.dedent('''
 def reports(tmp_path_factory):
     """Per-rank reports of the worker on 2 ranks, the saved model directory and the worker's output dir."""
     from sftdist.config import compose_config
-    from sftdist.model import build_model, load_tokenizer
+    from sftdist.engine.model import build_model, load_tokenizer
 
     tmp = tmp_path_factory.mktemp("zero3_load")
     cfg = compose_config([])

@@ -19,7 +19,7 @@ STEPS = [*FAST, "train.max_steps=24", "train.lr=1e-2", "launch=slurm", "launch.g
 
 
 def launch(cluster, args, *, wait=True, env=None):
-    cmd = [cluster.python, "-m", "sftdist.launch", *(["--wait"] if wait else []), *args]
+    cmd = [cluster.python, "-m", "sftdist.cluster.launch", *(["--wait"] if wait else []), *args]
     return subprocess.run(cmd, cwd=REPO, env={**cluster.env, **(env or {})}, capture_output=True, text=True,
                           timeout=900)
 
@@ -104,7 +104,7 @@ def test_lr_sweep_through_submitit_and_its_report(slurm_cluster, tmp_path):
         config = (sweep / point / "config.yaml").read_text()
         assert f"wandb_group: {sweep.name}" in config and "run_name: " in config
         assert {json.loads(line)["step"] for line in (sweep / point / "metrics.jsonl").open()} == {0, 1, 2, 3, 4}
-    report = subprocess.run([slurm_cluster.python, "-m", "sftdist.sweep_report", str(sweep)], cwd=REPO,
+    report = subprocess.run([slurm_cluster.python, "-m", "sftdist.tools.sweep_report", str(sweep)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     finals = {p: read_metrics(sweep / p)[-1]["eval_loss"] for p in points}

@@ -32,7 +32,7 @@ def make_inputs(d: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sftdist.config import ModelConfig
-    from sftdist.model import load_tokenizer
+    from sftdist.engine.model import load_tokenizer
 
     def jsonl(name, rows):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -15,7 +15,7 @@ LORA = ["peft=lora", "train.lr=1e-2"]  # shared with test_train_cpu's LoRA test 
 
 
 def baseline(*args, check=True):
-    return run_cmd([sys.executable, "-c", "from sftdist.baseline_cli import main; main()", *args], check=check)
+    return run_cmd([sys.executable, "-c", "from sftdist.tools.baseline_cli import main; main()", *args], check=check)
 
 
 def eval_rows(run_dir):
@@ -79,7 +79,7 @@ def test_lora_run_measures_its_adapter_on_the_base(trained_runs, tmp_path):
 def test_bad_inputs_fail_with_one_line(tmp_path, case, capsys):
     import torch
 
-    from sftdist.baseline_cli import main
+    from sftdist.tools.baseline_cli import main
 
     if case == "qlora_on_cpu" and torch.cuda.is_available():
         pytest.skip("a CPU-only refusal")

@@ -31,7 +31,7 @@ OPS = ("deepspeed_shm_comm", "fused_adam")  # the ops a CPU run with DeepSpeed's
 
 def own_dir(python: Path) -> Path:
     """``python``'s environment's extension directory."""
-    code = "from sftdist.build_locks import env_extensions_dir; print(env_extensions_dir())"
+    code = "from sftdist.engine.build_locks import env_extensions_dir; print(env_extensions_dir())"
     return Path(run_cmd([str(python), "-c", code]).stdout.strip().splitlines()[-1])
 
 

@@ -27,14 +27,14 @@ import time
 import pytest
 import torch
 
-from sftdist.checkpoint import latest_checkpoint
+from sftdist.lifecycle.checkpoint import latest_checkpoint
 from tests.conftest import FAST, read_metrics, run_cmd, start_cmd, train_single, train_torchrun
 
 WRAPPER = r'''
 import errno, os, signal
 import torch
-import sftdist.checkpoint as ckpt
-import sftdist.forward as forward
+import sftdist.lifecycle.checkpoint as ckpt
+import sftdist.engine.forward as forward
 import sftdist.train as train
 
 fault, _, where = os.environ.get("SFTDIST_TEST_FAULT", "").partition(":")
@@ -54,7 +54,7 @@ def die(*args, **kwargs):
     if saving[0] == at_step:
         os.kill(os.getpid(), signal.SIGKILL)
 
-wrap(train, "save_checkpoint", before=lambda engine, run_dir, step, **kw: saving.__setitem__(0, step))
+wrap(ckpt, "save_checkpoint", before=lambda engine, run_dir, step, **kw: saving.__setitem__(0, step))
 if fault == "kill":  # SIGKILL at one point of the save of step at_step
     name, when = {"before_rng": ("rng_state", "before"), "before_state": ("write_trainer_state", "before"),
                   "before_rename": ("write_trainer_state", "after"), "before_latest": ("point_latest", "before")}[where]
@@ -206,7 +206,7 @@ def test_full_disk_writing_the_merged_lora_model(tmp_path):
     assert f"free space and write the merged model with: sftdist-export --merge {run_dir}" in proc.stderr
     assert (run_dir / "final" / "adapter_model.safetensors").exists()  # the adapter is complete
     assert not (run_dir / "final_merged").exists() and not (run_dir / "final_merged.tmp").exists()
-    run_cmd([sys.executable, "-m", "sftdist.export", "--merge", str(run_dir)])
+    run_cmd([sys.executable, "-m", "sftdist", "export", "--merge", str(run_dir)])
     assert (run_dir / "final_merged" / "model.safetensors").exists()
 
 

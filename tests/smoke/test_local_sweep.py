@@ -23,7 +23,7 @@ def test_local_multirun_points_get_their_own_run_directories(tmp_path):
         assert [r["step"] for r in read_metrics(sweep / point)] == [1, 2]
         lrs.append(config["train"]["lr"])
     assert sorted(lrs) == [1e-3, 1e-2]
-    report = run_cmd([sys.executable, "-m", "sftdist.sweep_report", str(sweep)])
+    report = run_cmd([sys.executable, "-m", "sftdist.tools.sweep_report", str(sweep)])
     finals = {p: read_metrics(sweep / p)[-1]["eval_loss"] for p in points}
     assert f"best point: {min(finals, key=finals.get)} " in report.stdout
     assert (sweep / "sweep_report.csv").read_text().count("\n") >= 3

@@ -68,8 +68,7 @@ def _advice(stdout: str) -> list[str]:
 def test_full_fine_tune_of_a_pretrained_model_gets_advice_once(tmp_path, pretrained_dir):
     from transformers import AutoModelForCausalLM
 
-    from sftdist.memory_plan import Setup, model_states
-    from sftdist.plan_cli import model_shape
+    from sftdist.engine.memory_plan import Setup, model_shape, model_states
 
     proc = train_single([*FAST, "train.max_steps=1", f"model.name_or_path={pretrained_dir}", "train.lr=3e-3",
                          f"output_dir={tmp_path / 'run'}"])

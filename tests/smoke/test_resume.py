@@ -53,7 +53,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, case):
         from transformers import AutoTokenizer
 
         from sftdist.config import compose_config
-        from sftdist.model import build_model
+        from sftdist.engine.model import build_model
         from tests.smoke.test_train_cpu import eval_loss_of_export
 
         cfg = compose_config([*SIX, *overrides])
@@ -86,7 +86,7 @@ def test_lora_adapter_loads_with_peft_and_merges(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftdist.config import compose_config
-    from sftdist.model import build_model
+    from sftdist.engine.model import build_model
 
     run_dir = tmp_path / "lora"
     train(1, [*SIX, "peft=lora", "peft.merge_on_save=true", f"output_dir={run_dir}"])
@@ -100,7 +100,7 @@ def test_lora_adapter_loads_with_peft_and_merges(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
     # sftdist-export writes the same merged model from the run directory alone.
-    proc = run_cmd([sys.executable, "-m", "sftdist.export", "--merge", str(run_dir)])
+    proc = run_cmd([sys.executable, "-m", "sftdist", "export", "--merge", str(run_dir)])
     assert "final_merged" in proc.stdout
 
 

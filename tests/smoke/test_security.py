@@ -74,8 +74,8 @@ def test_a_tampered_checkpoint_is_refused_on_resume(stopped, tmp_path, layout, n
 
 def test_universal_conversion_runs_under_the_guard(stopped, tmp_path):
     """ds_to_universal (another world size resumes through it) loads every shard with weights_only=False."""
-    from sftdist.checkpoint import universal_checkpoint
-    from sftdist.safe_load import UnsafeCheckpointError
+    from sftdist.lifecycle.checkpoint import universal_checkpoint
+    from sftdist.lifecycle.safe_load import UnsafeCheckpointError
 
     good = copy_of(stopped("zero2"), tmp_path / "good") / "checkpoints" / "step-1"
     out = universal_checkpoint(good)

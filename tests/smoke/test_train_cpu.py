@@ -55,9 +55,9 @@ def eval_loss_of_export(final, overrides, model=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftdist.config import compose_config
-    from sftdist.data import build_datasets
+    from sftdist.data.build import build_datasets
     from sftdist.data.collate import collate
-    from sftdist.loss import token_loss_sum
+    from sftdist.engine.loss import token_loss_sum
 
     cfg = compose_config(overrides)
     tok = AutoTokenizer.from_pretrained(final)
@@ -93,7 +93,7 @@ def test_torchrun_two_process_zero2(trained_runs):
 
 def test_launch_deepspeed_launcher_zero3(tmp_path):
     run_dir = tmp_path / "ds"
-    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "launch=deepspeed", "parallelism=zero3", *FAST,
+    proc = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "launch=deepspeed", "parallelism=zero3", *FAST,
                     f"output_dir={run_dir}"])
     assert proc.stdout.splitlines()[0].split()[1:5] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
     check_run_dir(run_dir, grad_accum=2)
@@ -104,14 +104,14 @@ def test_launch_deepspeed_launcher_zero3(tmp_path):
 
 
 def test_launch_dry_run_pins_one_run_dir():
-    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", "train.lr=1e-4"])
+    proc = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", "train.lr=1e-4"])
     argv = proc.stdout.strip().split()
     assert argv[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert argv[-2] == "train.lr=1e-4" and argv[-1].startswith("output_dir=/")
 
 
 def test_launch_rejects_bad_config_before_starting():
-    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", "train.global_batch_size=nope"],
+    proc = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", "train.global_batch_size=nope"],
                    check=False)
     assert proc.returncode != 0 and "train.global_batch_size" in proc.stderr
     assert "torch.distributed.run" not in proc.stdout
@@ -178,7 +178,7 @@ def test_packed_run_and_per_source_metrics(tmp_path):
 def test_prepare_then_train_reuses_the_cache(tmp_path):
     cache = tmp_path / "cache"
     args = [*FAST, f"data.cache_dir={cache}"]
-    proc = run_cmd([sys.executable, "-c", "from sftdist.data_cli import prepare_main; prepare_main()", *args])
+    proc = run_cmd([sys.executable, "-c", "from sftdist.tools.data_cli import prepare_main; prepare_main()", *args])
     assert "demo_chat:" in proc.stdout and "masks audited" in proc.stdout
     entries = sorted(p for p in cache.iterdir())
     assert [p.name.split("-")[0] for p in entries] == ["demo_chat", "demo_generic"]

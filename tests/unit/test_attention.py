@@ -1,4 +1,4 @@
-"""Attention by document (sftdist/attention.py): the same logits and gradients as transformers' own sdpa with
+"""Attention by document (sftdist/engine/attention.py): the same logits and gradients as transformers' own sdpa with
 its block-diagonal masks, for packed and padded batches and GQA; which models get it; and a cached forward
 (generation) falls through to plain sdpa."""
 
@@ -7,11 +7,11 @@ import doctest
 import pytest
 import torch
 
-import sftdist.attention
-from sftdist import attention
+import sftdist.engine.attention
 from sftdist.data.collate import collate, collate_packed
 from sftdist.data.tokenize import IGNORE_INDEX
-from sftdist.forward import forward_logits, supervised_losses
+from sftdist.engine import attention
+from sftdist.engine.forward import forward_logits, supervised_losses
 
 
 def tiny(model_type="llama", **extra):
@@ -90,4 +90,4 @@ def test_which_models_fit():
 
 
 def test_docstring_examples():
-    assert doctest.testmod(sftdist.attention).failed == 0
+    assert doctest.testmod(sftdist.engine.attention).failed == 0

@@ -1,5 +1,5 @@
-"""sftdist-baseline's k-shot prompts (sftdist/baseline.py) on real tokenizers and the shared data sets, and its
-report (sftdist/baseline_report.py). The losses themselves are checked against real runs in
+"""sftdist-baseline's k-shot prompts (sftdist/tools/baseline.py) on real tokenizers and the shared data sets, and its
+report (sftdist/tools/baseline_report.py). The losses themselves are checked against real runs in
 tests/smoke/test_baseline_runs.py."""
 
 from __future__ import annotations
@@ -8,13 +8,14 @@ import doctest
 
 import pytest
 
-import sftdist.baseline
-import sftdist.baseline_report
-from sftdist.baseline import draw_shots, few_shot_conversation, few_shot_data
-from sftdist.baseline_report import format_report, render_html
-from sftdist.data import IGNORE_INDEX, build_datasets
+import sftdist.tools.baseline
+import sftdist.tools.baseline_report
+from sftdist.data.build import build_datasets
 from sftdist.data.prepare import raw_splits
-from sftdist.model import load_tokenizer
+from sftdist.data.tokenize import IGNORE_INDEX
+from sftdist.engine.model import load_tokenizer
+from sftdist.tools.baseline import draw_shots, few_shot_conversation, few_shot_data
+from sftdist.tools.baseline_report import format_report, render_html
 from tests.conftest import compose
 
 SETS = {"alpaca": ("llamafactory_alpaca_en_demo.json", "alpaca"),
@@ -22,8 +23,8 @@ SETS = {"alpaca": ("llamafactory_alpaca_en_demo.json", "alpaca"),
 
 
 def test_doctests():
-    assert doctest.testmod(sftdist.baseline).failed == 0
-    assert doctest.testmod(sftdist.baseline_report).failed == 0
+    assert doctest.testmod(sftdist.tools.baseline).failed == 0
+    assert doctest.testmod(sftdist.tools.baseline_report).failed == 0
 
 
 def _config(shared, tmp_path, tokenizer: str, data: str, *, max_length: int, extra=()):

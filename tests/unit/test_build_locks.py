@@ -26,7 +26,7 @@ def root(tmp_path, monkeypatch) -> Path:
 def clear(root):
     """``clear_stale_build_locks``, imported here so that the end-to-end test also runs (and hangs) on a tree
     without it."""
-    from sftdist.build_locks import clear_stale_build_locks
+    from sftdist.engine.build_locks import clear_stale_build_locks
 
     return clear_stale_build_locks
 
@@ -60,7 +60,7 @@ def builder():
 def test_root_is_where_torch_builds(root, monkeypatch):
     from torch.utils.cpp_extension import _get_build_directory
 
-    from sftdist.build_locks import extensions_root, use_env_extensions_dir
+    from sftdist.engine.build_locks import extensions_root, use_env_extensions_dir
 
     monkeypatch.setenv("PATH", os.environ["PATH"])  # restored afterwards: use_env_extensions_dir may change it
 
@@ -77,7 +77,7 @@ def test_root_is_where_torch_builds(root, monkeypatch):
 def test_each_environment_builds_in_its_own_directory(tmp_path, monkeypatch):
     import torch
 
-    from sftdist.build_locks import env_extensions_dir, extensions_root
+    from sftdist.engine.build_locks import env_extensions_dir, extensions_root
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     dirs = {}
@@ -154,7 +154,7 @@ def test_lock_that_cannot_be_removed_names_the_file(root, clear, monkeypatch):
 
 
 def test_training_after_a_killed_build_removes_its_locks(tmp_path, monkeypatch):
-    from sftdist.build_locks import env_extensions_dir
+    from sftdist.engine.build_locks import env_extensions_dir
 
     built = env_extensions_dir()  # where this environment's runs (and `make setup`'s prebuild_ops) build ops
     ext = tmp_path / "ext"
@@ -176,7 +176,7 @@ def test_training_after_a_killed_build_removes_its_locks(tmp_path, monkeypatch):
 def test_runs_build_with_their_environments_ninja(tmp_path, monkeypatch):
     """torch runs the ninja PATH finds, and two ninja versions hash build commands differently, so each
     rebuilt every op the other had built. A run uses its environment's own ninja whatever PATH says."""
-    from sftdist.build_locks import use_env_ninja
+    from sftdist.engine.build_locks import use_env_ninja
 
     own = Path(sys.executable).parent / "ninja"
     if not own.is_file():

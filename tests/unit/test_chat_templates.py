@@ -17,10 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from sftdist.data import encode_conversation
 from sftdist.data.mask_rules import check_masks, message_regions
 from sftdist.data.template_shape import common_prefix, snap_to_token, special_strings, template_shape
-from sftdist.data.tokenize import _labels_without_offsets, render_and_tokenize, trained_spans, trained_turns
+from sftdist.data.tokenize import (
+    _labels_without_offsets,
+    encode_conversation,
+    render_and_tokenize,
+    trained_spans,
+    trained_turns,
+)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TEMPLATES = sorted((SHARED / "chat_templates").glob("*.jinja")) if SHARED.is_dir() else []

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import sftdist.cluster.launch
 import sftdist.data.audit
 import sftdist.data.collate
 import sftdist.data.loader
@@ -13,12 +14,13 @@ import sftdist.data.messages
 import sftdist.data.reply_spans
 import sftdist.data.template_shape
 import sftdist.data.tokenize
-import sftdist.launch
-import sftdist.loss
-import sftdist.optim
+import sftdist.engine.loss
+import sftdist.engine.optim
 from sftdist.config import DataConfig, DataSource
-from sftdist.data import DataError, build_datasets, encode_conversation, prepare_all
+from sftdist.data.build import build_datasets, prepare_all
 from sftdist.data.demo import demo_conversations, demo_generic_texts
+from sftdist.data.messages import DataError
+from sftdist.data.tokenize import encode_conversation
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -149,8 +151,8 @@ def test_demo_data_is_deterministic_and_varied():
 
 @pytest.mark.parametrize("module", [sftdist.data.audit, sftdist.data.collate, sftdist.data.loader,
                                     sftdist.data.messages, sftdist.data.tokenize, sftdist.data.reply_spans,
-                                    sftdist.data.template_shape, sftdist.loss, sftdist.optim,
-                                    sftdist.launch])
+                                    sftdist.data.template_shape, sftdist.engine.loss, sftdist.engine.optim,
+                                    sftdist.cluster.launch])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sftdist.config import ParallelConfig, TrainConfig
-from sftdist.parallel import build_ds_config
+from sftdist.engine.deepspeed_wrap import build_ds_config
 from tests.conftest import compose, run_cmd
 
 TRAIN = TrainConfig(micro_batch_size=2, global_batch_size=16, lr=1e-4, grad_clip=1.0, weight_decay=0.01,
@@ -78,7 +78,8 @@ ENGINES = textwrap.dedent('''
     import torch
 
     from sftdist.config import ParallelConfig, TrainConfig
-    from sftdist.parallel import build_ds_config, init_distributed, wrap_with_deepspeed
+    from sftdist.engine.deepspeed_wrap import build_ds_config, wrap_with_deepspeed
+    from sftdist.engine.distributed import init_distributed
 
     init_distributed()
     out = {}

@@ -9,16 +9,16 @@ import signal
 
 import pytest
 
-import sftdist.nonfinite
-import sftdist.preemption as preemption
-from sftdist.checkpoint import latest_checkpoint, publish, write_failure
-from sftdist.nonfinite import NonFiniteGuard
+import sftdist.lifecycle.nonfinite
+import sftdist.lifecycle.stopping as preemption
+from sftdist.lifecycle.checkpoint import latest_checkpoint, publish, write_failure
+from sftdist.lifecycle.nonfinite import NonFiniteGuard
 
 NAN, INF = float("nan"), float("inf")
 
 
 def test_docstring_examples():
-    result = doctest.testmod(sftdist.nonfinite)
+    result = doctest.testmod(sftdist.lifecycle.nonfinite)
     assert result.attempted > 0 and result.failed == 0
 
 

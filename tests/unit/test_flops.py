@@ -1,4 +1,4 @@
-"""Model FLOPs for MFU (sftdist/flops.py): parameter counts by role on real tiny models (full, tied, LoRA,
+"""Model FLOPs for MFU (sftdist/observe/flops.py): parameter counts by role on real tiny models (full, tied, LoRA,
 mixture of experts, ZeRO-3 partitioned), the attention term from collated batches, and the peak table."""
 
 import doctest
@@ -7,10 +7,16 @@ from types import SimpleNamespace
 
 import torch
 
-import sftdist.flops
+import sftdist.observe.flops
 from sftdist.data.collate import collate, collate_packed
-from sftdist.flops import (PEAK_BF16_FLOPS, FlopsModel, attention_work, flops_model, measured_matmul_peak,
-                           peak_flops_per_device)
+from sftdist.observe.flops import (
+    PEAK_BF16_FLOPS,
+    FlopsModel,
+    attention_work,
+    flops_model,
+    measured_matmul_peak,
+    peak_flops_per_device,
+)
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 8, 2, 1, 4, 16, 32, 2
 KV = KV_HEADS * HEAD_DIM  # 4: width of k_proj and v_proj
@@ -33,7 +39,7 @@ def tiny(model_type="llama", **extra):
 
 
 def test_docstring_examples():
-    assert doctest.testmod(sftdist.flops).failed == 0
+    assert doctest.testmod(sftdist.observe.flops).failed == 0
 
 
 def test_full_finetune_counts_and_step_flops_by_hand():
@@ -201,5 +207,5 @@ def test_measured_matmul_peak_is_plausible_for_a_cpu():
 
 def test_measured_matmul_peak_is_flops_over_the_best_time(monkeypatch):
     ticks = iter([0.0, 0.5, 1.0, 1.25, 2.0, 3.0])  # three timed runs of 0.5, 0.25 and 1.0 seconds
-    monkeypatch.setattr(sftdist.flops.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(sftdist.observe.flops.time, "perf_counter", lambda: next(ticks))
     assert measured_matmul_peak(size=64, repeats=3) == 2 * 64**3 / 0.25

@@ -8,11 +8,17 @@ import sys
 
 import pytest
 
-import sftdist.data.inspect as inspect_mod
+import sftdist.tools.inspect as inspect_mod
 from sftdist.config import DataConfig, DataSource
-from sftdist.data import build_datasets, build_schedule
-from sftdist.data.inspect import (decode_runs, format_table, highlight_tokens, inspect_report,
-                                  length_percentiles, supervised_runs)
+from sftdist.data.build import build_datasets, build_schedule
+from sftdist.tools.inspect import (
+    decode_runs,
+    format_table,
+    highlight_tokens,
+    inspect_report,
+    length_percentiles,
+    supervised_runs,
+)
 from tests.conftest import run_cmd
 
 MAX_LEN = 128
@@ -150,7 +156,7 @@ def test_html_page_escapes_and_highlights(tmp_path, demo_tokenizer):
 
 
 def test_cli_inspect_end_to_end(tmp_path):
-    cmd = [sys.executable, "-c", "from sftdist.data_cli import data_main; data_main()", "inspect", "--n", "1",
+    cmd = [sys.executable, "-c", "from sftdist.tools.data_cli import data_main; data_main()", "inspect", "--n", "1",
            "--color", "never", "data.sources.0.max_samples=20", "train.max_length=128"]
     proc = run_cmd(cmd, env={"SFTDIST_CACHE": str(tmp_path / "cache")})
     assert "[[" in proc.stdout and "]]" in proc.stdout and "\x1b" not in proc.stdout

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from sftdist.cluster.launch import launcher_command
+from sftdist.cluster.slurm import slurm_rank_env
 from sftdist.config import ConfigError, LaunchConfig
-from sftdist.launch import launcher_command
-from sftdist.parallel import slurm_rank_env
 from tests.conftest import run_cmd
 
 HOSTILE = 'x"; touch {marker}; "'
@@ -21,16 +21,16 @@ HOSTILE = 'x"; touch {marker}; "'
 def test_docstring_examples():
     import doctest
 
-    import sftdist.launch_config
-    import sftdist.slurm
+    import sftdist.cluster.slurm
+    import sftdist.config.launch
 
-    for module in (sftdist.slurm, sftdist.launch_config):
+    for module in (sftdist.cluster.slurm, sftdist.config.launch):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0
 
 
 def test_launcher_imports_no_torch():
-    code = ("import sys; from sftdist.launch import main; main(['--dry-run']); "
+    code = ("import sys; from sftdist.cluster.launch import main; main(['--dry-run']); "
             "bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; assert not bad, bad")
     run_cmd([sys.executable, "-c", code], fresh=True)  # what a fresh interpreter imports is the point
 
@@ -76,7 +76,7 @@ def test_slurm_script_quotes_every_config_value(tmp_path):
     marker = tmp_path / "pwned"
     run_dir = tmp_path / "run dir"  # a space in the path, too
     hostile = f"run_name='{HOSTILE.format(marker=marker)}'"
-    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", "launch=slurm", "launch.nnodes=2",
+    proc = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", "launch=slurm", "launch.nnodes=2",
                     "launch.gpus_per_node=4", "launch.partition=gpu", "launch.time=12:00:00",
                     "launch.setup=['export SETUP_RAN=1']", hostile, f"output_dir={run_dir}"])
     script = run_dir / "job.sbatch"
@@ -99,15 +99,15 @@ def test_slurm_script_quotes_every_config_value(tmp_path):
 
 
 def test_prepare_first_writes_a_cpu_job(tmp_path):
-    run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", "launch=slurm", "launch.prepare_first=true",
+    run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", "launch=slurm", "launch.prepare_first=true",
              f"output_dir={tmp_path}"])
     text = (tmp_path / "prepare.sbatch").read_text()
     assert "--gpus-per-node" not in text and "#SBATCH --ntasks-per-node=1" in text.splitlines()
     command = shlex.split(text.splitlines()[-1])
-    assert command[:3] == [sys.executable, "-c", "from sftdist.data_cli import prepare_main; prepare_main()"]
+    assert command[:3] == [sys.executable, "-c", "from sftdist.tools.data_cli import prepare_main; prepare_main()"]
     assert "#SBATCH --gpus-per-node=8" in (tmp_path / "job.sbatch").read_text().splitlines()
 
 
 def test_slurm_wait_is_refused_elsewhere():
-    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "--wait"], check=False)
+    proc = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--wait"], check=False)
     assert proc.returncode != 0 and "--wait is for launch=slurm" in proc.stderr

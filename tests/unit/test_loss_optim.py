@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sftdist.loss import backward_scale, token_loss_sum
-from sftdist.optim import lr_multiplier, param_groups
+from sftdist.engine.loss import backward_scale, token_loss_sum
+from sftdist.engine.optim import lr_multiplier, param_groups
 
 
 def test_token_loss_sum_matches_mean_times_count():

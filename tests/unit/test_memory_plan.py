@@ -11,8 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from sftdist.memory_plan import (NF4_BYTES, ModelShape, Setup, deepspeed_model_states, largest_fitting,
-                                 model_states)
+from sftdist.engine.memory_plan import (
+    NF4_BYTES,
+    ModelShape,
+    Setup,
+    deepspeed_model_states,
+    largest_fitting,
+    model_states,
+)
 from tests.conftest import run_cmd
 
 SHAPE = ModelShape(params=1000, trainable=1000, quantized=800, largest_module=100, layers=2, hidden=8,
@@ -88,9 +94,9 @@ def test_matches_measured_cpu_runs(model, stage):
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_lora_count_equals_peft_on_a_real_model(method, demo_tokenizer):
     from sftdist.config import ModelConfig, PeftConfig
-    from sftdist.model import build_model
-    from sftdist.peft import apply_peft
-    from sftdist.plan_cli import hf_config, model_shape
+    from sftdist.engine.adapter import apply_peft
+    from sftdist.engine.memory_plan import hf_config, model_shape
+    from sftdist.engine.model import build_model
 
     peft = PeftConfig(method=method, r=4, target_modules=["all-linear"])
     model_cfg = ModelConfig(tokenizer="builtin:demo", from_config={
@@ -111,7 +117,7 @@ def test_largest_micro_batch_search():
 
 
 def test_metrics_median(tmp_path):
-    from sftdist.plan_cli import measured_tokens_per_sec
+    from sftdist.tools.plan import measured_tokens_per_sec
 
     rows = [{"step": 0, "eval_loss": 5.0}, {"step": 1, "tokens_per_sec": 100.0},
             {"step": 2, "tokens_per_sec": 300.0}, {"step": 3, "tokens": 1000, "step_time_s": 5.0}]
@@ -122,7 +128,7 @@ def test_metrics_median(tmp_path):
 
 def _plan(*args):
     """Run sftdist-plan in this process (the imports are paid once), like ``run_cmd``'s result."""
-    from sftdist.plan_cli import main
+    from sftdist.tools.plan import main
 
     out, code, err = io.StringIO(), 0, ""
     try:
@@ -134,7 +140,7 @@ def _plan(*args):
 
 
 def _plan_process(*args, env=None):
-    return run_cmd([sys.executable, "-c", "from sftdist.plan_cli import main; main()", *args], check=False,
+    return run_cmd([sys.executable, "-c", "from sftdist.tools.plan import main; main()", *args], check=False,
                    env=env)
 
 
@@ -180,9 +186,9 @@ def test_cli_errors_are_one_line(args, message):
 def test_docstring_examples():
     import doctest
 
-    import sftdist.memory_plan
+    import sftdist.engine.memory_plan
 
-    assert doctest.testmod(sftdist.memory_plan).failed == 0
+    assert doctest.testmod(sftdist.engine.memory_plan).failed == 0
 
 
 def test_bad_metrics_file_is_one_line_before_any_work(tmp_path):

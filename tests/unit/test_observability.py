@@ -12,23 +12,23 @@ import torch
 
 from sftdist.config import ConfigError, EarlyStoppingConfig, SFTConfig, validate
 from sftdist.data.collate import collate, collate_packed
-from sftdist.evaluation import EvalPlan, EvalTracker, eval_deltas
-from sftdist.flops import FlopsModel
-from sftdist.logging import wandb_row
-from sftdist.samples import split_at_last_reply
-from sftdist.step_metrics import StepMeter, batch_counts
+from sftdist.observe.evaluation import EvalPlan, EvalTracker, eval_deltas
+from sftdist.observe.flops import FlopsModel
+from sftdist.observe.metrics_log import wandb_row
+from sftdist.observe.samples import split_at_last_reply
+from sftdist.observe.step_metrics import StepMeter, batch_counts
 
 
 def test_module_examples():
-    import sftdist.evaluation
-    import sftdist.logging
-    import sftdist.progress
-    import sftdist.rundir
-    import sftdist.samples
-    import sftdist.step_metrics
+    import sftdist.lifecycle.rundir
+    import sftdist.observe.evaluation
+    import sftdist.observe.metrics_log
+    import sftdist.observe.progress
+    import sftdist.observe.samples
+    import sftdist.observe.step_metrics
 
-    for module in (sftdist.evaluation, sftdist.logging, sftdist.progress, sftdist.rundir, sftdist.samples,
-                   sftdist.step_metrics):
+    for module in (sftdist.observe.evaluation, sftdist.observe.metrics_log, sftdist.observe.progress, sftdist.lifecycle.rundir, sftdist.observe.samples,
+                   sftdist.observe.step_metrics):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
@@ -137,7 +137,7 @@ def test_generic_sources_default_to_text_format():
 
 
 def test_sample_prompt_is_the_conversation_before_its_last_reply(demo_tokenizer):
-    from sftdist.data import encode_conversation
+    from sftdist.data.tokenize import encode_conversation
 
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}]
@@ -166,7 +166,7 @@ def rows(n: int) -> list[dict]:
 
 
 def test_progress_lines_when_not_a_terminal(capsys, monkeypatch):
-    from sftdist.progress import Progress
+    from sftdist.observe.progress import Progress
 
     monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
     progress = Progress(start_step=0, max_steps=6, log_every=3, mode="auto")
@@ -180,8 +180,8 @@ def test_progress_lines_when_not_a_terminal(capsys, monkeypatch):
 
 
 def test_progress_bar_keeps_log_lines_above_it(monkeypatch, capsys):
-    from sftdist import logging as run_log
-    from sftdist.progress import Progress
+    from sftdist.engine import distributed as run_log
+    from sftdist.observe.progress import Progress
 
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
@@ -198,7 +198,7 @@ def test_progress_bar_keeps_log_lines_above_it(monkeypatch, capsys):
 
 
 def test_run_dir_tail_of_a_killed_run_is_dropped_on_resume(tmp_path):
-    from sftdist.rundir import prepare_run_dir
+    from sftdist.lifecycle.rundir import prepare_run_dir
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
     (tmp_path / "samples.jsonl").write_text('{"step": 0, "completion": "a"}\n{"step": 2, "completion": "b"}\n')
@@ -217,7 +217,7 @@ def test_attention_work_ignores_padding_tails():
 
 def test_wandb_dir_precedence(tmp_path, monkeypatch):
     from sftdist.config import LoggingConfig
-    from sftdist.logging import wandb_dir
+    from sftdist.observe.metrics_log import wandb_dir
 
     monkeypatch.delenv("WANDB_DIR", raising=False)
     assert wandb_dir(LoggingConfig(), tmp_path) == tmp_path  # default: inside the run directory

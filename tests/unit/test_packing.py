@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import sftdist.data.packing
-from sftdist.data import encode_conversation
 from sftdist.data.collate import collate, collate_packed
 from sftdist.data.demo import demo_conversations
 from sftdist.data.packing import pack
-from sftdist.loss import token_loss_sum
+from sftdist.data.tokenize import encode_conversation
+from sftdist.engine.loss import token_loss_sum
 
 
 def best_fit_reference(lengths, max_len):
@@ -122,7 +122,7 @@ def test_build_model_turns_the_cache_off(demo_tokenizer):
     """transformers detects packing from position_ids only when no cache is passed; a model whose config
     has use_cache=True makes a DynamicCache in every forward and silently attends across examples."""
     from sftdist.config import ModelConfig
-    from sftdist.model import build_model
+    from sftdist.engine.model import build_model
 
     cfg = ModelConfig(tokenizer="builtin:demo", from_config={"model_type": "llama", "hidden_size": 32,
                       "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2})
@@ -227,7 +227,7 @@ class EngineLike:
 def test_training_forward_isolates_packed_samples_whatever_the_model_config(demo_tokenizer):
     """The training forward passes use_cache=False itself: a model whose config says use_cache=True (a
     checkpoint's config.json, a custom builder) would otherwise attend across the packed samples."""
-    from sftdist.forward import forward_logits
+    from sftdist.engine.forward import forward_logits
 
     examples = real_examples(demo_tokenizer, 8)
     bins, rows = packed_rows(examples)

@@ -13,9 +13,17 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import sftdist.plot as plot
-from sftdist.plot import (Run, config_sources, eval_loss_delta, forgetting_figure, is_generic, main,
-                          read_run, run_labels)
+import sftdist.tools.plot as plot
+from sftdist.tools.plot import (
+    Run,
+    config_sources,
+    eval_loss_delta,
+    forgetting_figure,
+    is_generic,
+    main,
+    read_run,
+    run_labels,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = {"loss", "eval_loss", "forgetting", "lr", "throughput", "mfu", "memory"}
@@ -269,16 +277,16 @@ def imported_modules(*args: str) -> tuple[set[str], str]:
 
 def test_cli_runs_as_a_module_without_the_training_stack(two_runs, tmp_path):
     out = tmp_path / "cli"
-    modules, stdout = imported_modules("-m", "sftdist.plot", *map(str, two_runs), "--out", str(out))
+    modules, stdout = imported_modules("-m", "sftdist.tools.plot", *map(str, two_runs), "--out", str(out))
     assert str(out / "forgetting.png") in stdout
     assert "matplotlib" in modules and not {"torch", "deepspeed", "transformers"} & modules
-    usage = subprocess.run([sys.executable, "-m", "sftdist.plot", "--help"], capture_output=True, text=True,
+    usage = subprocess.run([sys.executable, "-m", "sftdist.tools.plot", "--help"], capture_output=True, text=True,
                            timeout=60)
     assert usage.returncode == 0 and "RUN_DIR/plots" in usage.stdout and "forgetting.png" in usage.stdout
 
 
 def test_importing_the_plotter_leaves_matplotlib_until_it_draws():
-    modules, _ = imported_modules("-c", "import sftdist.plot")
+    modules, _ = imported_modules("-c", "import sftdist.tools.plot")
     assert "sftdist" in modules and "matplotlib" not in modules
 
 

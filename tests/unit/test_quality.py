@@ -10,11 +10,11 @@ import sys
 import pytest
 
 import sftdist.data.quality as quality
-import sftdist.data.quality_report as quality_report_mod
+import sftdist.tools.quality_report as quality_report_mod
 from sftdist.config import ConfigError, DataConfig, DataSource
-from sftdist.data import build_datasets, build_schedule, mix_report
+from sftdist.data.build import build_datasets, build_schedule, mix_report
 from sftdist.data.prepare import cache_key
-from sftdist.data.quality_report import quality_report
+from sftdist.tools.quality_report import quality_report
 from tests.conftest import run_cmd
 
 LONG = ("Photosynthesis lets plants turn light, water and carbon dioxide into sugar and oxygen, which feeds "
@@ -264,7 +264,7 @@ def test_cli_writes_json_and_html(tmp_path, demo_tokenizer):
     rows = synthetic()
     src = write_jsonl(tmp_path / "s.jsonl", rows)
     out_json, out_html = tmp_path / "q.json", tmp_path / "q.html"
-    cmd = [sys.executable, "-c", "from sftdist.data_cli import data_main; data_main()", "quality",
+    cmd = [sys.executable, "-c", "from sftdist.tools.data_cli import data_main; data_main()", "quality",
            "--json", str(out_json), "--html", str(out_html), "--near-threshold", "0.9",
            f"data.sources=[{{name: mine, path: {src}, format: messages}}]", "train.max_length=64"]
     proc = run_cmd(cmd)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sftdist.config import DataConfig, DataSource
-from sftdist.data import build_datasets
+from sftdist.data.build import build_datasets
 
 SETS = {  # name: (file, format)
     "alpaca": ("llamafactory_alpaca_en_demo.json", "alpaca"),

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-import sftdist.parallel
-import sftdist.resume_check
-import sftdist.stop_rule
-from sftdist.checkpoint import latest_checkpoint, rng_state, set_rng_state
+import sftdist.engine.distributed
+import sftdist.lifecycle.resume_check
+import sftdist.lifecycle.stopping
 from sftdist.config import ConfigError
-from sftdist.resume_check import check_unchanged
-from sftdist.rundir import clean_partial_saves, retire_newer_checkpoints
-from sftdist.stop_rule import StopRule
+from sftdist.lifecycle.checkpoint import latest_checkpoint, rng_state, set_rng_state
+from sftdist.lifecycle.resume_check import check_unchanged
+from sftdist.lifecycle.rundir import clean_partial_saves, retire_newer_checkpoints
+from sftdist.lifecycle.stopping import StopRule
 
 
-@pytest.mark.parametrize("module", [sftdist.stop_rule, sftdist.resume_check, sftdist.parallel])
+@pytest.mark.parametrize("module", [sftdist.lifecycle.stopping, sftdist.lifecycle.resume_check, sftdist.engine.distributed])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

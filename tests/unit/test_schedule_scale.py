@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import sftdist.data
+import sftdist.data.build
 from sftdist.config import DataConfig
-from sftdist.data import SourceData, TrainData, build_schedule, mix_report
+from sftdist.data.build import SourceData, TrainData, build_schedule, mix_report
 
 datasets = pytest.importorskip("datasets")
 Column = getattr(datasets.arrow_dataset, "Column", None)  # lazy columns arrived in datasets 4/5
@@ -88,5 +88,5 @@ def test_lengths_are_read_through_the_dataset_view(no_per_element_column_reads):
 
 
 def test_docstring_examples():
-    result = doctest.testmod(sftdist.data)
+    result = doctest.testmod(sftdist.data.build)
     assert result.attempted > 0 and result.failed == 0

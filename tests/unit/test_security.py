@@ -57,7 +57,7 @@ def test_trust_remote_code_is_off_unless_set():
 
 def test_remote_code_tokenizer_runs_only_when_asked(modules_cache, capsys):
     from sftdist.data.demo import resolve_builtin
-    from sftdist.model import load_tokenizer
+    from sftdist.engine.model import load_tokenizer
 
     tok_dir, marker = modules_cache / "tok", modules_cache / "tokenizer_code_ran"
     shutil.copytree(resolve_builtin("builtin:demo"), tok_dir)
@@ -79,7 +79,7 @@ def test_remote_code_tokenizer_runs_only_when_asked(modules_cache, capsys):
 def test_remote_code_model_runs_only_when_asked(modules_cache, demo_tokenizer, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sftdist.model import build_model
+    from sftdist.engine.model import build_model
 
     model_dir, marker = modules_cache / "model", modules_cache / "model_code_ran"
     config = AutoConfig.for_model("llama", vocab_size=len(demo_tokenizer), hidden_size=16, intermediate_size=32,
@@ -130,7 +130,7 @@ def plant_pickle(path: Path, marker: Path) -> None:
 def test_guard_refuses_code_that_plain_deepspeed_loading_runs(tmp_path):
     import torch
 
-    from sftdist.safe_load import FORCE, UnsafeCheckpointError, weights_only_loads
+    from sftdist.lifecycle.safe_load import FORCE, UnsafeCheckpointError, weights_only_loads
 
     evil, marker = tmp_path / "mp_rank_00_model_states.pt", tmp_path / "pwned"
     plant_pickle(evil, marker)
@@ -149,7 +149,7 @@ def test_guard_allows_deepspeed_checkpoint_types_and_restores_settings(tmp_path,
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from sftdist.safe_load import FORCE, FORCE_OFF, weights_only_loads
+    from sftdist.lifecycle.safe_load import FORCE, FORCE_OFF, weights_only_loads
 
     state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients, "w": torch.ones(3),
              "dyn": DynamicLossScaler(2.0 ** 16, 1000, 1, 2, False, dtype=torch.float16),
@@ -164,13 +164,13 @@ def test_guard_allows_deepspeed_checkpoint_types_and_restores_settings(tmp_path,
 
 
 def test_safe_load_entry_runs_a_module_under_the_guard(tmp_path):
-    """``python -m sftdist.safe_load MODULE`` (how checkpoint.universal_checkpoint runs ds_to_universal)."""
+    """``python -m sftdist.lifecycle.safe_load MODULE`` (how checkpoint.universal_checkpoint runs ds_to_universal)."""
     evil, marker = tmp_path / "optim_states.pt", tmp_path / "pwned"
     plant_pickle(evil, marker)
     (tmp_path / "loads_it.py").write_text("import sys, torch\ntorch.load(sys.argv[1], weights_only=False)\n")
-    proc = run_cmd([sys.executable, "-m", "sftdist.safe_load", "loads_it", str(evil)], check=False,
+    proc = run_cmd([sys.executable, "-m", "sftdist.lifecycle.safe_load", "loads_it", str(evil)], check=False,
                    env={"PYTHONPATH": str(tmp_path)})
-    assert proc.returncode != 0 and f"sftdist.safe_load: error: refusing to load {evil}" in proc.stderr
+    assert proc.returncode != 0 and f"sftdist.lifecycle.safe_load: error: refusing to load {evil}" in proc.stderr
     assert not marker.exists()
 
 
@@ -180,10 +180,10 @@ def test_safe_load_entry_runs_a_module_under_the_guard(tmp_path):
 def test_redaction_rules():
     import doctest
 
-    import sftdist.redact
-    from sftdist.redact import redact, secret_values
+    import sftdist.config.redact
+    from sftdist.config.redact import redact, secret_values
 
-    assert doctest.testmod(sftdist.redact).failed == 0
+    assert doctest.testmod(sftdist.config.redact).failed == 0
     env = {**FAKE_SECRETS, "TOKENIZERS_PARALLELISM": "false", "SHORT_TOKEN": "1", "HOME": "/root"}
     assert set(secret_values(env).values()) == set(FAKE_SECRETS)
     cfg = {"train": {"loss_chunk_tokens": 8192}, "model": {"from_config": {"pad_token_id": 0, "eos_token": "x"}},
@@ -197,8 +197,8 @@ def test_saved_config_and_logs_hold_no_interpolated_secret(tmp_path, monkeypatch
     from omegaconf import OmegaConf
 
     from sftdist.config import SFTConfig
-    from sftdist.logging import log
-    from sftdist.rundir import prepare_run_dir
+    from sftdist.engine.distributed import log
+    from sftdist.lifecycle.rundir import prepare_run_dir
 
     for name, value in FAKE_SECRETS.items():
         monkeypatch.setenv(name, value)
@@ -221,9 +221,9 @@ def test_launcher_writes_no_secret_into_scripts_or_commands(tmp_path):
     env = {**FAKE_SECRETS}
     run_dir = tmp_path / "run"
     override = "run_name=x-${oc.env:HF_TOKEN}"
-    slurm = run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", "launch=slurm", "launch.prepare_first=true",
+    slurm = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", "launch=slurm", "launch.prepare_first=true",
                      override, f"output_dir={run_dir}"], env=env)
-    local = run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", override, f"output_dir={run_dir}"], env=env)
+    local = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", override, f"output_dir={run_dir}"], env=env)
     scripts = [(run_dir / name).read_text() for name in ("job.sbatch", "prepare.sbatch")]
     for text in (slurm.stdout, slurm.stderr, local.stdout, local.stderr, *scripts):
         assert not any(secret in text for secret in FAKE_SECRETS.values())
@@ -245,7 +245,7 @@ def test_sbatch_values_with_line_breaks_are_refused(key):
 def test_output_dir_with_a_line_break_cannot_reach_the_script(tmp_path):
     """output_dir lands in ``#SBATCH --output=``: a line break there would start a shell line of its own."""
     marker, run_dir = tmp_path / "pwned", tmp_path / f"a\ntouch {tmp_path / 'pwned'}\nb"
-    proc = run_cmd([sys.executable, "-m", "sftdist.launch", "--dry-run", "launch=slurm", f"output_dir='{run_dir}'"],
+    proc = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", "launch=slurm", f"output_dir='{run_dir}'"],
                    check=False)
     assert proc.returncode != 0 and "a value holds a line break" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [] and not marker.exists()
@@ -276,7 +276,7 @@ def test_sbatch_scripts_keep_hostile_values_inert(tmp_path):
     overrides, run_dir = hostile_overrides(tmp_path)
     cwd = tmp_path / "cwd$(touch pwned9)`touch pwned10`"  # the markers land in tmp_path, where bash starts
     cwd.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "sftdist.launch", "--dry-run", "launch=slurm",
+    proc = subprocess.run([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", "launch=slurm",
                            "launch.prepare_first=true", *overrides], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
@@ -298,7 +298,7 @@ def test_sbatch_scripts_keep_hostile_values_inert(tmp_path):
 def test_deepspeed_hostfile_launch_passes_hostile_overrides_intact(tmp_path):
     """DeepSpeed's pdsh runner hands the arguments to each host's shell as one command line; a stand-in pdsh
     runs that line with bash (as ssh does), with python recording its arguments instead of training."""
-    from sftdist.launch import launcher_command
+    from sftdist.cluster.launch import launcher_command
 
     overrides, _ = hostile_overrides(tmp_path)
     overrides += ["model.name_or_path=a\\\"b c", "x=line1\nline2"]

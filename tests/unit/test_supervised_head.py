@@ -1,4 +1,4 @@
-"""The LM head at supervised positions only (sftdist/forward.py): the same token losses and the same gradients
+"""The LM head at supervised positions only (sftdist/engine/forward.py): the same token losses and the same gradients
 as the model's full logits, for padded and packed batches, with LoRA, with several chunks (recomputed in
 backward), and for models that transform their logits after the head; and the check that catches a head
 that does not match."""
@@ -8,7 +8,7 @@ import torch
 
 from sftdist.data.collate import collate, collate_packed
 from sftdist.data.tokenize import IGNORE_INDEX
-from sftdist.forward import check_supervised_head, forward_logits, head_logits, supervised_losses
+from sftdist.engine.forward import check_supervised_head, forward_logits, head_logits, supervised_losses
 
 
 def tiny_model(model_type: str = "llama", attn: str = "sdpa", **extra):

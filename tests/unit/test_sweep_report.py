@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import sftdist.sweep_report as sweep_report
-from sftdist.sweep_report import main
+import sftdist.tools.sweep_report as sweep_report
+from sftdist.tools.sweep_report import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_STEPS = 10
@@ -226,7 +226,7 @@ def test_missing_or_empty_directory_exits_2_naming_it(tmp_path, capsys):
 
 
 def test_cli_runs_as_a_module(sweep):
-    result = subprocess.run([sys.executable, "-m", "sftdist.sweep_report", str(sweep)],
+    result = subprocess.run([sys.executable, "-m", "sftdist.tools.sweep_report", str(sweep)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert best_line(result.stdout).startswith("best point: 1 (")
@@ -235,15 +235,18 @@ def test_cli_runs_as_a_module(sweep):
 
 def test_importing_the_report_pulls_in_no_training_stack():
     heavy = ("torch", "deepspeed", "transformers", "matplotlib")
-    code = (f"import sys, sftdist.sweep_report; loaded = [m for m in {heavy!r} if m in sys.modules]; "
+    code = (f"import sys, sftdist.tools.sweep_report; loaded = [m for m in {heavy!r} if m in sys.modules]; "
             "assert not loaded, loaded")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
 
 def test_docstring_examples():
-    result = doctest.testmod(sweep_report)
-    assert result.attempted > 0 and result.failed == 0
+    import sftdist.tools.run_files
+
+    for module in (sweep_report, sftdist.tools.run_files):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0
 
 
 def test_the_step_0_baseline_is_not_a_points_result(tmp_path, capsys):

@@ -4,8 +4,7 @@ tokenizer and on the real tokenizers in ../shared."""
 
 import pytest
 
-from sftdist.data import encode_conversation, encode_text
-from sftdist.data.tokenize import IGNORE_INDEX
+from sftdist.data.tokenize import IGNORE_INDEX, encode_conversation, encode_text
 
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],

@@ -1,0 +1,173 @@
+"""The model's forward pass for training and eval, ending in per-token losses of the supervised positions.
+
+With ``train.lm_head=supervised`` (the default) the model returns its final hidden states and the LM head
+and cross-entropy run only on the rows of supervised positions, so full-vocabulary logits of prompt,
+padding and packed-prompt positions are never computed. On small models the head is most of the work
+(hidden 256 with a 32k vocabulary: ~3/4 of the FLOPs), and on large vocabularies the ``[B, T, V]`` logits are
+most of the activation memory. Rows go through the head in chunks of ``train.loss_chunk_tokens``; when a
+micro-batch needs more than one chunk, each chunk's logits are recomputed in backward instead of kept
+(not under ZeRO-3: see ``_partitioned``).
+``train.lm_head=full`` computes all logits the way the model's own forward does.
+
+The head is the model's own output-embedding module, called as a module, so ZeRO-3 gathers its partitioned
+weight and LoRA adapters on it apply. What some models do to logits after the head (Gemma's soft-capping,
+Cohere's and Granite's scaling) is applied here too; ``check_supervised_head`` compares the result with the
+model's own logits once per run and falls back to ``full`` where they differ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sftdist.data.tokenize import IGNORE_INDEX
+from sftdist.engine import attention
+from sftdist.engine.loss import supervised_token_losses, token_cross_entropy
+
+
+def _bare(model):
+    """The Hugging Face model under a DeepSpeed engine and/or a PEFT wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _call(model, batch: dict[str, torch.Tensor], **extra):
+    """One forward of a collated batch; returns ``(output, (rows, width))``.
+
+    ``use_cache=False`` is passed whatever the model's config says: transformers detects packed rows from
+    the restarting position ids only when no cache is made, and with a cache attention would cross samples.
+    Packed batches carry no attention_mask: transformers builds block-diagonal masks from those position
+    ids (sdpa/eager), and under ``attention.NAME`` the document spans go along instead. Flash attention
+    reads sample boundaries from position ids only for a batch of one row, so packed rows are flattened into
+    one row there (the caller reshapes back).
+    """
+    shape = tuple(batch["input_ids"].shape)
+    if _bare(model).config._attn_implementation == attention.NAME:
+        # One host read of the position ids per forward; every layer reuses the spans.
+        extra["document_spans"] = attention.document_spans(batch["position_ids"].tolist())
+    if "attention_mask" in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=False, **extra), shape
+    if _bare(model).config._attn_implementation.startswith("flash"):
+        return model(input_ids=batch["input_ids"].view(1, -1), position_ids=batch["position_ids"].view(1, -1),
+                     use_cache=False, **extra), shape
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
+    return out, shape
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All logits ``[B, T, V]`` of a collated batch, from the model's own forward (``model``: the DeepSpeed
+    engine, or a bare or PEFT-wrapped Hugging Face model)."""
+    out, shape = _call(model, batch)
+    return out.logits.view(*shape, -1)
+
+
+def final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final (normed) hidden states ``[B, T, H]``, i.e. the LM head's input.
+
+    The model's own head runs on one position per row only (``logits_to_keep=1``): the forward still goes
+    through the engine's and the model's own ``forward`` (ZeRO-3 hooks, PEFT), and costs ``B x V`` there.
+    """
+    out, shape = _call(model, batch, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1].view(*shape, -1)
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for hidden rows ``[N, H]`` -> ``[N, V]`` in fp32, with the post-head transforms
+    some architectures apply in their forward (see the module doc)."""
+    bare = _bare(model)
+    config = bare.config
+    logits = bare.get_output_embeddings()(hidden).float()
+    if getattr(bare, "logit_scale", None) is not None:  # Cohere
+        logits = logits * bare.logit_scale
+    if getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _partitioned(model) -> bool:
+    """Is the head's weight a ZeRO-3 partition? Then every head call gathers it collectively, and ranks
+    with different numbers of supervised tokens would make different numbers of calls: one call per
+    micro-batch keeps them in step."""
+    return hasattr(_bare(model).get_output_embeddings().weight, "ds_id")
+
+
+def _chunk_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head_logits(model, hidden)
+    if logits.requires_grad and logits._base is None and logits.grad_fn is not None:
+        # head_logits made a fresh fp32 tensor that nothing else holds: backward may reuse its storage.
+        return token_cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def supervised_losses(model, batch: dict[str, torch.Tensor], *, lm_head: str = "supervised",
+                      chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy (fp32) of every supervised position of a collated batch.
+
+    Example::
+
+        targets = [[7, -100, 2]]  ->  losses = [CE(head(h[0,0]), 7), CE(head(h[0,2]), 2)],  mask = [[T, F, T]]
+
+    Args:
+        model: The DeepSpeed engine, or a bare or PEFT-wrapped Hugging Face causal LM.
+        batch: ``collate``/``collate_packed`` output on the model's device; ``targets`` [B, T] are the
+            shifted next-token ids, ``-100`` where not supervised.
+        lm_head: ``supervised`` (head only on supervised rows) or ``full`` (the model's own logits).
+        chunk_tokens: Supervised rows per head/cross-entropy chunk (``supervised`` only).
+
+    Returns:
+        ``(losses, mask)``: losses [N] with grad, N = supervised positions in row-major order; mask [B, T].
+    """
+    targets = batch["targets"]
+    if lm_head == "full":
+        return supervised_token_losses(forward_logits(model, batch), targets)
+    mask = targets != IGNORE_INDEX
+    rows, wanted = final_hidden(model, batch)[mask], targets[mask]
+    if rows.shape[0] <= chunk_tokens or _partitioned(model):
+        return _chunk_losses(model, rows, wanted), mask
+    # Several chunks: keep only each chunk's input and recompute its [chunk, V] logits in backward.
+    return torch.cat([checkpoint(_chunk_losses, model, h, t, use_reentrant=False)
+                      for h, t in zip(rows.split(chunk_tokens), wanted.split(chunk_tokens))]), mask
+
+
+def check_supervised_head(model, batch: dict[str, torch.Tensor], *, rtol: float = 1e-2) -> str | None:
+    """Compare the supervised head's logits with the model's own on one batch, without gradients.
+
+    Returns ``None`` when they agree to ``rtol`` of the logits' largest magnitude (bf16 GEMMs of other
+    shapes differ by ~1e-3), else a sentence saying how far apart they are or why the check failed. Every
+    rank must call it on the same schedule: under ZeRO-3 both forwards gather parameters collectively.
+    """
+    mask = batch["targets"] != IGNORE_INDEX
+    with torch.no_grad():
+        full = forward_logits(model, batch)[mask].float()
+        try:
+            mine = head_logits(model, final_hidden(model, batch)[mask])
+        except (TypeError, AttributeError, ValueError) as e:  # no logits_to_keep / hidden states / head
+            return f"the model's forward cannot return hidden states for the head ({type(e).__name__}: {e})"
+    if mine.shape != full.shape:
+        return f"the head gives logits of shape {tuple(mine.shape)}, the model {tuple(full.shape)}"
+    diff = (mine - full).abs().max().item() if full.numel() else 0.0
+    scale = full.abs().max().item() if full.numel() else 0.0
+    if not math.isfinite(diff) or diff > rtol * max(scale, 1.0):
+        return f"its logits differ from the model's own by up to {diff:.3g} (largest logit {scale:.3g})"
+    return None
+
+
+@dataclass(frozen=True)
+class LossHead:
+    """How the loop turns a batch into token losses: ``train.lm_head`` and ``train.loss_chunk_tokens``,
+    after ``check_supervised_head`` has had its say."""
+
+    mode: str = "supervised"
+    chunk_tokens: int = 8192
+
+    def losses(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``supervised_losses`` with this head."""
+        return supervised_losses(model, batch, lm_head=self.mode, chunk_tokens=self.chunk_tokens)

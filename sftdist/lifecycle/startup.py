@@ -1,0 +1,75 @@
+"""What a run checks and reports before its first step: that a checkpoint belongs to this run, which LM
+head fits the model, the data report and the summary a user reads before walking away."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sftdist.data.build import TrainData, make_batch, mix_report
+from sftdist.data.loader import SampleSchedule
+from sftdist.engine.distributed import all_reduce_sum, device, log, rank, world_size
+from sftdist.engine.forward import LossHead, check_supervised_head
+from sftdist.lifecycle.checkpoint import saved_state
+from sftdist.lifecycle.resume_check import check_unchanged
+from sftdist.observe.progress import start_summary
+
+
+def check_same_run(checkpoint: Path, now: dict, *, allow: bool) -> None:
+    """Stop (ConfigError) if the checkpoint was written by a run whose steps saw other samples than ``now``'s
+    settings give; with ``allow``, log each difference and go on."""
+    saved = saved_state(checkpoint).get("run")
+    if saved is None:
+        log(f"warning: {checkpoint} records no run settings (an older sftdist wrote it): resuming unchecked")
+        return
+    for change in check_unchanged(saved, now, checkpoint=str(checkpoint), allow=allow):
+        log(f"warning: resuming despite a change (train.resume_allow_changes=true): {change}")
+
+
+def log_data_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
+    """Log each source's kept records and realised mix; returns ``mix_report``."""
+    for warning in data.warnings:
+        log(f"warning: {warning}")
+    report = mix_report(data, schedule)
+    for r, source in zip(report, data.sources):
+        skipped = {k: v for k, v in r["statuses"].items() if k != "ok"}
+        log(f"data {r['source']}: {r['kept']}/{r['records']} records kept{f' {skipped}' if skipped else ''}; per epoch "
+            f"{r['samples_per_epoch']} samples = {r['sample_share']:.1%} of samples, "
+            f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited"
+            + ("; generic: its eval_loss_delta is the forgetting curve" if source.generic and source.eval else ""))
+    return report
+
+
+def log_summary(**kwargs) -> None:
+    """Log ``progress.start_summary`` as one block."""
+    log("run summary\n  " + "\n  ".join(start_summary(**kwargs)))
+
+
+def choose_head(engine, data: TrainData, schedule: SampleSchedule, *, mode: str, chunk_tokens: int,
+                step: int, micro_batch_size: int, pad_id: int, packed: bool) -> LossHead:
+    """``train.lm_head``, unless the supervised head disagrees with the model's own logits on this rank's
+    first micro-batch on any rank: then ``full``, with a warning saying why.
+
+    The check runs in eval mode on a forked RNG, so dropout masks (and exact resume) are untouched.
+    """
+    if mode != "supervised":
+        return LossHead(mode, chunk_tokens)
+    first = schedule.micro_batches(step, rank(), world_size(), micro_batch_size)[0]
+    return head_for_batch(engine, make_batch(data, first, pad_id, packed=packed), mode=mode, chunk_tokens=chunk_tokens)
+
+
+def head_for_batch(engine, batch: dict, *, mode: str, chunk_tokens: int) -> LossHead:
+    """``choose_head``'s verdict on a given collated batch (on CPU; every rank calls it)."""
+    if mode != "supervised":
+        return LossHead(mode, chunk_tokens)
+    batch = {k: v.to(device()) for k, v in batch.items()}
+    engine.eval()
+    with torch.random.fork_rng(devices=[]):
+        problem = check_supervised_head(engine, batch)
+    engine.train()
+    if all_reduce_sum([float(problem is not None)])[0] == 0:
+        return LossHead(mode, chunk_tokens)
+    log(f"warning: train.lm_head=supervised does not fit this model ({problem or 'on another rank'}); "
+        f"computing all logits (train.lm_head=full)")
+    return LossHead("full", chunk_tokens)

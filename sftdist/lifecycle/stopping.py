@@ -1,0 +1,137 @@
+"""Stop signals: SIGUSR1 (SLURM's warning before the time limit, ``--signal=USR1@S``) and SIGTERM
+(preemption, ``scancel``, a container stop) make the run finish its current optimizer step, checkpoint and
+exit, instead of dying mid-step.
+
+Ranks agree before anyone saves: each step's closing all-reduce carries every rank's "signal received" flag,
+so all ranks stop after the same step even when the signal reached only some of them, or reached them at
+different moments. After SIGUSR1 in a SLURM job written by ``sftdist-launch`` (``SFTDIST_REQUEUE=1``), rank 0
+requeues the job (``scontrol requeue``), and the requeued job resumes from the checkpoint. After SIGTERM the
+job is not requeued by sftdist: SLURM requeues a preempted job itself, and a cancelled one must stay
+cancelled. A second signal of the same kind kills the process at once, unless it follows the first within
+``DUPLICATE_WINDOW_S``: a signal sent to torchrun's process group reaches each rank twice (directly, and
+forwarded by torchrun; usually merged into one delivery, but not when the first is handled in between),
+which is one request, not two.
+
+Exit status: a run stopped by a signal, with its checkpoint, exits with ``RESUMABLE_EXIT`` (75, EX_TEMPFAIL
+in sysexits.h: a temporary failure, retry), so schedulers and scripts can tell "rerun the same command to
+resume" from success (0) and from errors (1). A SLURM job that requeued itself after SIGUSR1 exits 0: SLURM
+ends and reruns it anyway, and a failed exit would only put a spurious failure into the job's record.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from sftdist.config import TrainConfig
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+RESUMABLE_EXIT = 75  # stopped early by a signal, with a checkpoint: rerun the same command to resume
+DUPLICATE_WINDOW_S = 2.0  # a repeat within this many seconds is the same request delivered twice
+_received: Optional[int] = None
+_received_at = 0.0
+_exit_code = 0
+
+
+def _handler(signum, frame) -> None:
+    global _received, _received_at
+    if _received == signum and time.monotonic() - _received_at > DUPLICATE_WINDOW_S:
+        signal.signal(signum, signal.SIG_DFL)  # asked twice: stop waiting for the step to end
+        os.kill(os.getpid(), signum)
+    if _received == signum:
+        return
+    _received, _received_at = signum, time.monotonic()
+    print(f"sftdist rank {os.environ.get('RANK', '0')}: received {signal.Signals(signum).name}: checkpointing "
+          f"after this step", flush=True)
+
+
+def install_stop_handlers() -> None:
+    """Catch the stop signals from now on (call once, in the main thread, before training)."""
+    global _received, _exit_code
+    _received, _exit_code = None, 0
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _handler)
+
+
+def received() -> Optional[str]:
+    """The name of the stop signal this process got, if any."""
+    return signal.Signals(_received).name if _received is not None else None
+
+
+def requeue_after(signal_name: str) -> tuple[bool, Optional[str]]:
+    """Requeue this SLURM job after a SIGUSR1 stop (call on one rank).
+
+    Returns:
+        Whether the job was requeued, and what was done (None when nothing was tried).
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if signal_name != "SIGUSR1" or not job or os.environ.get("SFTDIST_REQUEUE") != "1":
+        return False, None
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return False, f"scontrol requeue {job} failed: {proc.stderr.strip()}"
+    return True, f"requeued SLURM job {job}: it resumes from the checkpoint"
+
+
+def record_stop(*, requeued: bool) -> int:
+    """Note that a stop signal ended the run after its checkpoint; return the exit status that means."""
+    global _exit_code
+    _exit_code = 0 if requeued else RESUMABLE_EXIT
+    return _exit_code
+
+
+def exit_code() -> int:
+    """The status the process should exit with: ``RESUMABLE_EXIT`` after ``record_stop`` (not requeued),
+    else 0."""
+    return _exit_code
+
+
+# When a process stops before ``max_steps``, with a checkpoint to resume from.
+#
+# ``train.stop_at_step`` is absolute: the run pauses once it has reached that step, and a rerun that resumes at
+# or past it has nothing to do. ``train.stop_after_steps`` counts the steps of this process and
+# ``train.stop_after_minutes`` its wall-clock time, so rerunning the same command (a requeued job) always
+# makes progress and a loop of reruns reaches ``max_steps``.
+
+
+@dataclass
+class StopRule:
+    at_step: Optional[int] = None  # absolute step (train.stop_at_step)
+    after_steps: Optional[int] = None  # steps of this process (train.stop_after_steps)
+    minutes: Optional[float] = None  # wall-clock budget of this process (train.stop_after_minutes)
+    started: float = 0.0  # time.time() when the process started
+
+    @classmethod
+    def from_config(cls, t: TrainConfig, started: float) -> "StopRule":
+        return cls(t.stop_at_step, t.stop_after_steps, t.stop_after_minutes, started)
+
+    def reason(self, *, step: int, steps_run: int, step_seconds: float, save_seconds: float,
+               now: Optional[float] = None) -> Optional[str]:
+        """Why to stop after optimizer step ``step`` (the ``steps_run``-th of this process), or None.
+
+        The time budget stops early enough for one more step and one more checkpoint save, as long as
+        they have taken so far (``step_seconds``, ``save_seconds``); at least one step always runs.
+
+        Example:
+            >>> rule = StopRule(after_steps=2, minutes=10, started=0.0)
+            >>> rule.reason(step=5, steps_run=1, step_seconds=60, save_seconds=30, now=400)
+            >>> rule.reason(step=6, steps_run=1, step_seconds=60, save_seconds=30, now=520)
+            'train.stop_after_minutes=10: 8.7 of 10 minutes used, the next step and save need 1.5 more'
+            >>> rule.reason(step=6, steps_run=2, step_seconds=60, save_seconds=30, now=400)
+            'train.stop_after_steps=2'
+        """
+        now = time.time() if now is None else now
+        if self.at_step is not None and step >= self.at_step:
+            return f"train.stop_at_step={self.at_step}"
+        if self.after_steps is not None and steps_run >= self.after_steps:
+            return f"train.stop_after_steps={self.after_steps}"
+        if self.minutes is not None:
+            used, need = (now - self.started) / 60, (step_seconds + save_seconds) / 60
+            if used + need > self.minutes:
+                return (f"train.stop_after_minutes={self.minutes:g}: {used:.1f} of {self.minutes:g} minutes used, "
+                        f"the next step and save need {need:.1f} more")
+        return None

@@ -1,0 +1,180 @@
+"""The one training loop, shared by full fine-tuning and LoRA: ``train_loop(parts, ...)`` runs optimizer
+steps until ``max_steps``, or stops early with a checkpoint. ``sftdist.train`` builds its ``LoopParts``."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sftdist.data.build import TrainData, make_batch
+from sftdist.data.loader import SampleSchedule
+from sftdist.engine import deepspeed_wrap, loss
+from sftdist.engine.distributed import all_reduce_sum, device, log, rank, world_size
+from sftdist.engine.forward import LossHead
+from sftdist.lifecycle import checkpoint, nonfinite, stopping
+from sftdist.observe.evaluation import EvalPlan, EvalTracker, per_source_metrics
+from sftdist.observe.metrics_log import MetricsLogger
+from sftdist.observe.progress import Progress
+from sftdist.observe.step_metrics import StepMeter, batch_counts
+
+
+@dataclass
+class LoopResult:
+    steps: int  # optimizer steps run in this process (fewer than max_steps after a resume)
+    last_step: int
+    first_loss: float
+    last_loss: float
+    tokens: int
+    seconds: float
+    stop_signal: Optional[str] = None  # SIGUSR1 / SIGTERM when one stopped the run early
+    early_stopped: Optional[str] = None  # why early stopping ended the run (then it is finished)
+
+
+@dataclass
+class Saving:
+    """Where and how often the loop checkpoints, and the run settings each checkpoint records."""
+
+    run_dir: Path
+    every: int
+    keep_last: int
+    run_settings: dict
+    best: bool = False  # also checkpoint each eval step that improves the early-stopping metric
+
+    def save(self, engine, step: int, tracker: EvalTracker) -> Path:
+        return checkpoint.save_checkpoint(engine, self.run_dir, step, keep_last=self.keep_last,
+                                          run_settings=self.run_settings, eval_state=tracker.state(),
+                                          protect_step=tracker.best_step if self.best else None)
+
+
+@dataclass
+class LoopParts:
+    """Everything the loop works with, built by ``sftdist.train`` from the typed config."""
+
+    engine: object  # the DeepSpeed engine around the model (and its adapter)
+    data: TrainData
+    schedule: SampleSchedule
+    micro_batch_size: int
+    pad_id: int
+    packed: bool
+    head: LossHead  # forward and per-token losses
+    metrics: MetricsLogger
+    meter: StepMeter
+    progress: Progress
+    evals: EvalPlan
+    saving: Saving
+    stop: stopping.StopRule
+    guard: nonfinite.NonFiniteGuard
+
+
+def train_loop(parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResult:
+    """Run optimizer steps ``start_step`` .. ``max_steps - 1``, or stop early with a checkpoint.
+
+    Each step: fetch this rank's micro-batches, count the supervised tokens of the whole step over all
+    ranks (one all-reduce), then forward / token losses / backward per micro-batch, scaled so the gradient
+    is that of the mean over every supervised token in the step.
+
+    Raises:
+        NonFiniteError: at a NaN/inf loss or grad norm that ``guard`` does not skip, before that step is
+            evaluated or saved.
+    """
+    p, engine = parts, parts.engine
+    losses: list[float] = []
+    total_tokens, start = 0, time.time()
+    step_seconds = save_seconds = 0.0
+    if start_step == 0 and p.evals.due(0, last=False):  # the baseline that eval_loss_delta/<source> starts from
+        baseline, _, _ = p.evals.run(engine, p.data, p.head, step=0, metrics=p.metrics)
+        if baseline:
+            p.metrics.write({"step": 0, "elapsed_s": time.time() - start, **baseline})
+            log(f"step 0 (before training)  eval_loss {baseline['eval_loss']:.4f}")
+    step, why, stop_signal, early_stop = start_step - 1, None, None, None
+    for step in range(start_step, max_steps):
+        step_start = time.time()
+        # 1.-5. batches, forward, token losses, backward, optimizer step
+        row, stop_signal = optimizer_step(p, step)
+        # 6. log: the step's loss is its summed token loss over all ranks divided by its supervised tokens.
+        row["elapsed_s"] = time.time() - start
+        total_tokens += row["tokens"]
+        losses.append(row["loss"])
+        # A NaN/inf loss or grad norm (the same on every rank): skip the update DeepSpeed dropped, or stop
+        # before this state is evaluated or saved (nonfinite.py).
+        verdict = p.guard.check(step=step + 1, loss=row["loss"], grad_norm=row["grad_norm"],
+                                source_losses={n: row[f"loss/{n}"] for n in p.data.names},
+                                update_applied=engine.was_step_applied())
+        if verdict == "skipped":
+            row["skipped_nonfinite"] = 1
+            log(f"step {step + 1}: non-finite loss or grad_norm, update skipped (train.on_nonfinite=skip)")
+        elif verdict:
+            p.metrics.write(row)
+            latest = checkpoint.latest_checkpoint(p.saving.run_dir)
+            raise nonfinite.NonFiniteError(nonfinite.stop_message(verdict, latest))
+        last, improved, early_stop = step + 1 == max_steps, False, None
+        if p.evals.due(step + 1, last):
+            entries, improved, early_stop = p.evals.run(engine, p.data, p.head, step=step + 1, metrics=p.metrics)
+            row |= entries
+        p.metrics.write(row)
+        p.progress.update(row)
+        # 7. checkpoint every save_every steps, at a new best eval (early stopping keeps it for final/), and
+        # before stopping early; the run ends at max_steps.
+        step_seconds = max(step_seconds, time.time() - step_start)
+        why = None if last else early_stop or (f"{stop_signal} received" if stop_signal else None) or \
+            p.stop.reason(step=step + 1, steps_run=len(losses), step_seconds=step_seconds, save_seconds=save_seconds)
+        if (p.saving.every and (step + 1) % p.saving.every == 0 and not last) or (why and not early_stop) or \
+                (improved and p.saving.best):
+            save_start = time.time()
+            path = p.saving.save(engine, step + 1, p.evals.tracker)
+            save_seconds = time.time() - save_start
+            log(f"checkpoint saved: {path}" + ("  (best eval so far)" if improved and p.saving.best else ""))
+        if why:
+            log(f"stopping early ({why})")
+            break
+    return LoopResult(len(losses), step + 1, losses[0] if losses else float("nan"),
+                      losses[-1] if losses else float("nan"), total_tokens, time.time() - start,
+                      stop_signal if why and not early_stop else None, early_stop if why else None)
+
+
+def optimizer_step(p: LoopParts, step: int) -> tuple[dict, Optional[str]]:
+    """One optimizer step on every rank: its metrics row (``loss``, ``lr``, ``grad_norm``, token counts,
+    throughput, per-source losses; no ``elapsed_s``) and the stop signal any rank got during it."""
+    engine, step_start = p.engine, time.time()
+    num_sources, dev = len(p.data.sources), device()
+    stage0, grad_norm = engine.zero_optimization_stage() == 0, None
+    # 1. This step's micro-batches, and the step's global supervised-token count (needed before backward).
+    micro_batches = [make_batch(p.data, mb, p.pad_id, packed=p.packed)
+                     for mb in p.schedule.micro_batches(step, rank(), world_size(), p.micro_batch_size)]
+    global_supervised, global_tokens, global_slots, global_attention = all_reduce_sum(batch_counts(micro_batches))
+    scale = loss.backward_scale(int(global_supervised), engine.gradient_accumulation_steps(), world_size())
+    lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler advances inside step()
+
+    sums = torch.zeros(2 * num_sources, dtype=torch.float64, device=dev)
+    for batch in micro_batches:
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        # 2. forward; 3. per-token losses of the supervised positions
+        token_losses, mask = p.head.losses(engine, batch)
+        # 4. backward, scaled to a per-supervised-token mean over the whole step
+        engine.backward(token_losses.sum() * scale)
+        if stage0 and engine.is_gradient_accumulation_boundary():
+            grad_norm = deepspeed_wrap.stage0_grad_norm(engine)
+            # ZeRO 1-3 drop a non-finite update themselves; ZeRO-0 is told to (nonfinite.py)
+            nonfinite.hold_stage0_update(engine, p.guard.skips and not math.isfinite(grad_norm))
+        # 5. DeepSpeed counts micro-steps inside step() and updates only at the accumulation boundary.
+        engine.step()
+        sums += loss.per_source_sums(token_losses, batch["token_source"][mask], num_sources)
+
+    # The same collective as the losses tells every rank whether any rank got a stop signal (stopping.py).
+    signalled = stopping.received()
+    totals = all_reduce_sum([*sums.tolist(), float(signalled == "SIGUSR1"), float(signalled == "SIGTERM")])
+    got_term, got_usr1 = totals.pop() > 0, totals.pop() > 0
+    stop_signal = "SIGTERM" if got_term else "SIGUSR1" if got_usr1 else None  # a cancel is never requeued
+    grad_norm = grad_norm if stage0 else engine.get_global_grad_norm()
+    row = {"step": step + 1, "loss": sum(totals[:num_sources]) / max(global_supervised, 1), "lr": lr,
+           "grad_norm": float(grad_norm) if grad_norm is not None else None,
+           "tokens": int(global_tokens), "supervised_tokens": int(global_supervised),
+           **p.meter.metrics(supervised=int(global_supervised), tokens=int(global_tokens), slots=int(global_slots),
+                             attention=int(global_attention), seconds=time.time() - step_start),
+           "elapsed_s": None, **per_source_metrics("loss", p.data.names, totals)}
+    return row, stop_signal

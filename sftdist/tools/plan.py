@@ -1,0 +1,244 @@
+"""``sftdist-plan [options] [overrides]``: per-rank memory, data size and run time of a config, before
+training it, without loading any weights (the arithmetic is in ``sftdist.engine.memory_plan``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+from sftdist.config import ConfigError, SFTConfig, compose_config
+from sftdist.config.checks import one_line
+from sftdist.engine.memory_plan import (
+    GIB,
+    ModelShape,
+    Setup,
+    activation_bytes,
+    bucket_bytes,
+    deepspeed_model_states,
+    hf_config,
+    largest_fitting,
+    logits_bytes,
+    model_shape,
+    model_states,
+)
+
+SEARCH_LIMIT = 4096  # micro-batch sizes tried
+FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "sftdist_sdpa_by_document")
+
+
+def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
+                micro_batch: int) -> dict[str, tuple[float, float]]:
+    """Every per-rank line of the table at ``micro_batch``, as ``(device, cpu)`` bytes, with the total last
+    (its activations those of ``parallelism.activation_checkpointing``).
+
+    Args:
+        shape, setup: The model and how it is trained.
+        cfg: The run config (train lengths, attention, ZeRO buckets).
+        micro_batch: Sequences per micro-batch (the search varies it).
+
+    Returns:
+        Row name -> ``(device bytes, cpu bytes)``.
+    """
+    t, p = cfg.train, cfg.parallelism
+    labels = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer states"}
+    rows = {labels[k]: v for k, v in model_states(shape, setup).items()}
+    rows["model states"] = tuple(map(sum, zip(*rows.values())))
+    kw = dict(micro_batch=micro_batch, seq=t.max_length, precision=setup.precision,
+              fused_attention=cfg.model.attn_implementation in FUSED_ATTENTION)
+    rows["activations"] = (activation_bytes(shape, checkpointing=False, **kw), 0.0)
+    rows["activations, checkpointed"] = (activation_bytes(shape, checkpointing=True, **kw), 0.0)
+    rows["logits + loss"] = (logits_bytes(shape, micro_batch=micro_batch, seq=t.max_length,
+                                          precision=setup.precision, lm_head=t.lm_head,
+                                          chunk_tokens=t.loss_chunk_tokens), 0.0)
+    # bf16 ZeRO-1 with fp32 accumulation runs DeepSpeed's BF16_Optimizer, which has no reduction bucket
+    bf16_optimizer = (p.zero_stage == 1 and setup.precision == "bf16" and setup.grad_accum_fp32
+                      and not setup.offload_optimizer)
+    rows["comm. buckets"] = (0.0 if bf16_optimizer else bucket_bytes(
+        zero_stage=p.zero_stage, precision=setup.precision, reduce_bucket=p.reduce_bucket_size,
+        overlap_comm=p.overlap_comm, contiguous_gradients=p.contiguous_gradients), 0.0)
+    act = rows["activations, checkpointed" if p.activation_checkpointing else "activations"]
+    parts = [rows["model states"], act, rows["logits + loss"], rows["comm. buckets"]]
+    rows["total"] = tuple(map(sum, zip(*parts)))
+    return rows
+
+
+def data_summary(cfg: SFTConfig) -> dict:
+    """Tokens and optimizer steps per epoch, and the run's steps, from the data stage (may tokenise).
+
+    Args:
+        cfg: The run config; the data stage runs as ``sftdist-prepare`` runs it, reusing its cache.
+
+    Returns:
+        Counts per epoch and for the run (``train.max_steps``, or ``train.epochs`` of the schedule).
+    """
+    from sftdist.data.build import mix_report
+    from sftdist.tools.data_cli import load_data
+
+    _, data, schedule, _ = load_data(cfg)
+    report = mix_report(data, schedule)
+    t = cfg.train
+    steps_per_epoch = schedule.epoch_len / t.global_batch_size
+    run_steps = t.max_steps if t.max_steps > 0 else schedule.steps_for_epochs(t.epochs)
+    tokens = sum(r["tokens_per_epoch"] for r in report)
+    return {"tokens_per_epoch": tokens,
+            "supervised_tokens_per_epoch": sum(r["supervised_tokens_per_epoch"] for r in report),
+            "sequences_per_epoch": schedule.epoch_len, "steps_per_epoch": steps_per_epoch,
+            "run_steps": run_steps, "run_tokens": round(tokens * run_steps / steps_per_epoch)}
+
+
+def measured_tokens_per_sec(path: Path) -> float:
+    """The median ``tokens_per_sec`` (else ``tokens / step_time_s``) of a run's metrics.jsonl step rows.
+
+    Args:
+        path: A run's ``metrics.jsonl``.
+
+    Returns:
+        All ranks' tokens per second, the median over the step rows.
+
+    Raises:
+        ConfigError: no such file, a line that is not JSON, or no step rows.
+    """
+    if not path.is_file():
+        raise ConfigError(f"--metrics {path}: no such file (give a run's metrics.jsonl)")
+    rates = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--metrics {path}: line {number} is not JSON ({e})") from None
+        if row.get("tokens_per_sec"):
+            rates.append(float(row["tokens_per_sec"]))
+        elif row.get("tokens") and row.get("step_time_s"):
+            rates.append(row["tokens"] / row["step_time_s"])
+    if not rates:
+        raise ConfigError(f"--metrics {path}: no step rows with tokens_per_sec or tokens and step_time_s")
+    return statistics.median(rates)
+
+
+def _size(b: float) -> str:
+    return "-" if not b else f"{b / GIB:,.2f} GiB" if b >= GIB else f"{b / 2**20:,.1f} MiB"
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def render(plan: dict) -> str:
+    """The console table of a plan (``build_plan``'s dict)."""
+    s, m = plan["setup"], plan["model"]
+    lines = [f"model: {m['source']} ({m['params'] / 1e6:,.2f}M parameters, {m['trainable'] / 1e6:,.3f}M "
+             f"trainable, {s['peft']}); ZeRO-{s['zero_stage']} x {s['world']} ranks, {s['precision']}, "
+             f"micro-batch {plan['micro_batch']} x {plan['max_length']} tokens, attention {m['attention']}",
+             f"{'per rank':<28}{'device':>12}{'cpu':>12}{'DeepSpeed est. device':>24}{'cpu':>12}"]
+    ds = plan["deepspeed_model_states"]
+    for name, (dev, cpu) in plan["rows"].items():
+        extra = f"{_size(ds[0]):>24}{_size(ds[1]):>12}" if name == "model states" and ds else ""
+        mark = " *" if name == plan["activations_used"] else ""
+        lines.append(f"{name + mark:<28}{_size(dev):>12}{_size(cpu):>12}{extra}")
+    lines.append(f"(* counted in the total: parallelism.activation_checkpointing={plan['checkpointing']})")
+    if ds:
+        lines.append("(DeepSpeed's estimator assumes 16-bit mixed precision, estimates ZeRO-1 as ZeRO-2 and "
+                     "leaves out ZeRO-3's 16-bit parameter partition; its cpu figure is for the whole node, "
+                     "with a 1.5 buffer factor: see sftdist/engine/memory_plan.py)")
+    budget = plan["gpu_mem_gib"]
+    if budget:
+        most, usable = plan["largest_micro_batch"], plan["largest_usable_micro_batch"]
+        lines.append(f"fits {budget:g} GiB per device: {'yes' if plan['fits'] else 'NO'}; largest "
+                     f"micro-batch that fits: {most}{'+ (the search limit)' if most == SEARCH_LIMIT else ''}"
+                     + (f"; that divides global_batch_size / ranks: {usable}" if usable != most else ""))
+    d = plan.get("data")
+    if d:
+        lines.append(f"data: {d['tokens_per_epoch']:,} tokens ({d['supervised_tokens_per_epoch']:,} "
+                     f"supervised) in {d['sequences_per_epoch']:,} sequences per epoch; "
+                     f"{d['steps_per_epoch']:.1f} optimizer steps per epoch; "
+                     f"this run: {d['run_steps']:,} steps, {d['run_tokens']:,} tokens")
+    if plan.get("eta_s") is not None:
+        lines.append(f"ETA at {plan['tokens_per_sec']:,.0f} tokens/s: {_duration(plan['eta_s'])} of training "
+                     f"steps (eval and checkpoints not included)")
+    elif plan.get("tokens_per_sec"):
+        lines.append("no ETA: it needs the data stage's token count (drop --no-data)")
+    return "\n".join(lines)
+
+
+def build_plan(cfg: SFTConfig, args) -> dict:
+    """Everything sftdist-plan prints, as a JSON-ready dict.
+
+    Args:
+        cfg: The composed run config.
+        args: The parsed command-line options (``main``).
+
+    Returns:
+        The plan: setup, model counts, rows, DeepSpeed's estimate, fit and search, data and ETA.
+    """
+    import torch
+
+    from sftdist.cluster.launch import default_nproc
+    from sftdist.engine.deepspeed_wrap import grad_accum_dtype, resolve_precision
+
+    p, t = cfg.parallelism, cfg.train
+    # read first: a bad metrics file should fail before the model and data stages run
+    rate = args.tokens_per_sec or (measured_tokens_per_sec(Path(args.metrics)) if args.metrics else None)
+    world = args.world_size or (cfg.launch.nproc_per_node or default_nproc()) * cfg.launch.nnodes
+    gpu = torch.cuda.is_available()
+    precision = resolve_precision(args.precision or p.precision, gpu=gpu)
+    source_type = (cfg.model.from_config or {}).get("model_type")
+    setup = Setup(zero_stage=p.zero_stage, world=world, precision=precision, peft=cfg.peft.method,
+                  offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
+                  grad_accum_fp32=grad_accum_dtype(p, precision) == "fp32")
+    shape = model_shape(hf_config(cfg.model), cfg.peft)
+    budget = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GIB if gpu else None)
+    rows = memory_rows(shape, setup, cfg, t.micro_batch_size)
+    plan = {"setup": vars(setup), "micro_batch": t.micro_batch_size, "max_length": t.max_length,
+            "model": {"source": cfg.model.name_or_path or f"model.from_config ({source_type})",
+                      "attention": cfg.model.attn_implementation, **vars(shape)},
+            "rows": rows, "checkpointing": p.activation_checkpointing,
+            "activations_used": "activations, checkpointed" if p.activation_checkpointing else "activations",
+            "deepspeed_model_states": deepspeed_model_states(shape, setup) if setup.peft == "none" else None,
+            "gpu_mem_gib": budget}
+    if budget:
+        plan["fits"] = rows["total"][0] <= budget * GIB
+        most = largest_fitting(lambda mb: memory_rows(shape, setup, cfg, mb)["total"][0] <= budget * GIB,
+                               limit=SEARCH_LIMIT)
+        per_rank = t.global_batch_size // world if t.global_batch_size % world == 0 else 0
+        # training also needs global_batch_size % (micro_batch_size * ranks) == 0
+        plan["largest_micro_batch"] = most
+        plan["largest_usable_micro_batch"] = max(
+            [m for m in range(1, min(most, per_rank) + 1) if per_rank % m == 0], default=0)
+    if not args.no_data:
+        plan["data"] = data_summary(cfg)
+    if rate:
+        plan["tokens_per_sec"] = rate
+    if rate and plan.get("data"):
+        plan["eta_s"] = plan["data"]["run_tokens"] / rate
+    return plan
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sftdist.data.messages import DataError
+
+    parser = argparse.ArgumentParser(prog="sftdist-plan", description=__doc__)
+    parser.add_argument("--world-size", type=int,
+                        help="data-parallel ranks (default: the launch config's processes)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="override parallelism.precision")
+    parser.add_argument("--gpu-mem", type=float, help="GiB per device (default: the visible GPU's, if any)")
+    parser.add_argument("--no-data", action="store_true", help="skip the data stage (tokens, steps, ETA)")
+    parser.add_argument("--tokens-per-sec", type=float, help="measured training throughput, for the ETA")
+    parser.add_argument("--metrics", help="a run's metrics.jsonl: its median tokens_per_sec, for the ETA")
+    parser.add_argument("--json", help="also write the plan to this file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for training")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        plan = build_plan(compose_config(args.overrides), args)
+    except (ConfigError, DataError, HydraException, OmegaConfBaseException, OSError) as e:
+        sys.exit(f"sftdist-plan: error: {one_line(e)}")
+    print(render(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=2) + "\n")
