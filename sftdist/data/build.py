@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from sftdist.config import DataConfig
+from sftdist.config import DataConfig, SFTConfig
 from sftdist.data.audit import audit_source, check_chat_template, template_warnings
 from sftdist.data.collate import collate as collate_rows
 from sftdist.data.collate import collate_packed
@@ -136,3 +136,15 @@ def mix_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
              "sample_share": drawn[s] / max(sum(drawn), 1), "supervised_token_share": tokens[s] / max(sum(tokens), 1),
              "tokens_per_epoch": all_tokens[s], "supervised_tokens_per_epoch": tokens[s],
              "audited": src.stats.get("audited", 0)} for s, src in enumerate(data.sources)]
+
+
+def build_for_run(cfg: SFTConfig, tokenizer) -> tuple[TrainData, SampleSchedule, list[Path]]:
+    """The data, schedule and cache directories exactly as a training run with ``cfg`` builds them (the
+    commands that use the data stage without training: ``sftdist data ...``, ``sftdist plan``)."""
+    t = cfg.train
+    dirs = prepare_all(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed)
+    data = build_datasets(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed, dirs=dirs)
+    schedule = build_schedule(data, cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
+                              max_length=t.max_length)
+    return data, schedule, dirs
+

@@ -89,32 +89,48 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
         tuned_model = finetuned_model(cfg, run_dir, tokenizer, precision, model)
         tuned, tuned_answers = eval_losses(tuned_model, data, cfg, tokenizer), generate(tuned_model, prompts)
 
-    def figures(losses: Optional[dict], key: str) -> Optional[float]:
-        return losses.get(key) if losses else None
-
-    sources = [{"source": s.name, "format": s.format, "records": len(s.eval),
-                "supervised_tokens": zero[f"eval_supervised_tokens/{s.name}"],
-                "zero_shot": zero[f"eval_loss/{s.name}"],
-                "k_shot": figures(few, f"eval_loss/{s.name}") if s.name in used else None,
-                "k_shot_supervised_tokens": figures(few, f"eval_supervised_tokens/{s.name}") if s.name in used else None,
-                "shots_mean": sum(used[s.name]) / max(len(used[s.name]), 1) if s.name in used else None,
-                "finetuned": figures(tuned, f"eval_loss/{s.name}")}
-               for s in data.sources if s.eval is not None]
-    overall = {"records": sum(r["records"] for r in sources),
-               "supervised_tokens": sum(r["supervised_tokens"] for r in sources),
-               "zero_shot": zero["eval_loss"], "k_shot": figures(few, "eval_loss"), "finetuned": figures(tuned, "eval_loss")}
-    index = {}
-    answer_rows = []
-    for p, z, f, ft in zip(prompts, zero_answers, few_answers, tuned_answers):
-        index[p.source] = index.get(p.source, -1) + 1
-        answer_rows.append({"source": p.source, "index": index[p.source], "prompt": tokenizer.decode(p.input_ids),
-                            "reference": tokenizer.decode(p.reference) if p.reference else None, "zero_shot": z,
-                            "k_shot": f if p.source in used else None, "finetuned": ft})
+    sources, overall = loss_rows(data, zero, few, tuned, used)
+    answer_rows = answer_table(tokenizer, prompts, used, zero_answers, few_answers, tuned_answers)
     model_name = cfg.model.name_or_path or f"{cfg.model.from_config['model_type']} from model.from_config (seed {t.seed})"
     return {"settings": {"model": model_name, "precision": precision, "k": k if used else 0, "max_length": t.max_length,
                          "max_new_tokens": max_new_tokens, "run": str(run_dir) if run_dir else None, "notes": notes},
             "sources": sources, "overall": overall, "answers": answer_rows,
             "run_metrics": run_metrics(run_dir) if run_dir else None}
+
+
+def _figure(losses: Optional[dict], key: str) -> Optional[float]:
+    return losses.get(key) if losses else None
+
+
+def loss_rows(data, zero: dict, few: Optional[dict], tuned: Optional[dict],
+              used: dict) -> tuple[list[dict], dict]:
+    """The report's eval losses: one row per source with an eval split, and the overall row."""
+    sources = [{"source": s.name, "format": s.format, "records": len(s.eval),
+                "supervised_tokens": zero[f"eval_supervised_tokens/{s.name}"],
+                "zero_shot": zero[f"eval_loss/{s.name}"],
+                "k_shot": _figure(few, f"eval_loss/{s.name}") if s.name in used else None,
+                "k_shot_supervised_tokens": _figure(few, f"eval_supervised_tokens/{s.name}") if s.name in used else None,
+                "shots_mean": sum(used[s.name]) / max(len(used[s.name]), 1) if s.name in used else None,
+                "finetuned": _figure(tuned, f"eval_loss/{s.name}")}
+               for s in data.sources if s.eval is not None]
+    overall = {"records": sum(r["records"] for r in sources),
+               "supervised_tokens": sum(r["supervised_tokens"] for r in sources),
+               "zero_shot": zero["eval_loss"], "k_shot": _figure(few, "eval_loss"),
+               "finetuned": _figure(tuned, "eval_loss")}
+    return sources, overall
+
+
+def answer_table(tokenizer, prompts: list, used: dict, zero_answers: list, few_answers: list,
+                 tuned_answers: list) -> list[dict]:
+    """One row per eval prompt: the prompt, its reference reply and each model's answer."""
+    index: dict[str, int] = {}
+    rows = []
+    for p, z, f, ft in zip(prompts, zero_answers, few_answers, tuned_answers):
+        index[p.source] = index.get(p.source, -1) + 1
+        rows.append({"source": p.source, "index": index[p.source], "prompt": tokenizer.decode(p.input_ids),
+                     "reference": tokenizer.decode(p.reference) if p.reference else None, "zero_shot": z,
+                     "k_shot": f if p.source in used else None, "finetuned": ft})
+    return rows
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -10,7 +10,7 @@ import time
 from typing import Optional
 
 from sftdist.config import ConfigError, SFTConfig, compose_config
-from sftdist.data.build import build_datasets, build_schedule, mix_report, prepare_all
+from sftdist.data.build import build_for_run, mix_report
 from sftdist.data.messages import DataError
 
 
@@ -23,12 +23,7 @@ def load_data(cfg: SFTConfig):
     from sftdist.engine.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    t = cfg.train
-    dirs = prepare_all(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed)
-    data = build_datasets(cfg.data, tokenizer, max_length=t.max_length, seed=t.seed, dirs=dirs)
-    schedule = build_schedule(data, cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
-                              max_length=t.max_length)
-    return tokenizer, data, schedule, dirs
+    return (tokenizer, *build_for_run(cfg, tokenizer))
 
 
 def prepare_main(argv: Optional[list[str]] = None) -> None:
