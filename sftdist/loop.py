@@ -7,16 +7,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from sftdist.data.build import TrainData, make_batch
 from sftdist.data.loader import SampleSchedule
 from sftdist.engine import deepspeed_wrap, loss
-from sftdist.engine.distributed import all_reduce_sum, device, log, rank, world_size
+from sftdist.engine.distributed import all_reduce_sum, device, log, rank, record_progress, world_size
 from sftdist.engine.forward import LossHead
 from sftdist.lifecycle import checkpoint, nonfinite, stopping
+from sftdist.lifecycle.hangs import StackWatch
 from sftdist.observe.evaluation import EvalPlan, EvalTracker, per_source_metrics
 from sftdist.observe.metrics_log import MetricsLogger
 from sftdist.observe.progress import Progress
@@ -33,6 +34,7 @@ class LoopResult:
     seconds: float
     stop_signal: Optional[str] = None  # SIGUSR1 / SIGTERM when one stopped the run early
     early_stopped: Optional[str] = None  # why early stopping ended the run (then it is finished)
+    step_seconds: float = 0.0  # of ``seconds``, the optimizer steps' own (no eval, no checkpoint saves)
 
 
 @dataclass
@@ -44,11 +46,14 @@ class Saving:
     keep_last: int
     run_settings: dict
     best: bool = False  # also checkpoint each eval step that improves the early-stopping metric
+    resumed_from: Optional[str] = None  # the train.resume=PATH this history started from (rundir.resume_origin)
+    wandb_id: Optional[str] = None  # the W&B run a resume continues
 
     def save(self, engine, step: int, tracker: EvalTracker) -> Path:
         return checkpoint.save_checkpoint(engine, self.run_dir, step, keep_last=self.keep_last,
                                           run_settings=self.run_settings, eval_state=tracker.state(),
-                                          protect_step=tracker.best_step if self.best else None)
+                                          protect_step=tracker.best_step if self.best else None,
+                                          resumed_from=self.resumed_from, wandb_id=self.wandb_id)
 
 
 @dataclass
@@ -69,6 +74,7 @@ class LoopParts:
     saving: Saving
     stop: stopping.StopRule
     guard: nonfinite.NonFiniteGuard
+    watch: StackWatch  # this rank's stack dump if a step hangs
 
 
 def train_loop(parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResult:
@@ -84,8 +90,8 @@ def train_loop(parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResu
     """
     p, engine = parts, parts.engine
     losses: list[float] = []
-    total_tokens, start = 0, time.time()
-    step_seconds = save_seconds = 0.0
+    total_tokens, start, training_seconds = 0, time.time(), 0.0
+    step_seconds = save_seconds = longest = 0.0
     if start_step == 0 and p.evals.due(0, last=False):  # the baseline that eval_loss_delta/<source> starts from
         baseline, _, _ = p.evals.run(engine, p.data, p.head, step=0, metrics=p.metrics)
         if baseline:
@@ -94,11 +100,16 @@ def train_loop(parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResu
     step, why, stop_signal, early_stop = start_step - 1, None, None, None
     for step in range(start_step, max_steps):
         step_start = time.time()
-        # 1.-5. batches, forward, token losses, backward, optimizer step
-        row, stop_signal = optimizer_step(p, step)
+        p.watch.arm(longest_step_s=longest)  # (its step, eval and save included)
+        # 1.-5. batches, forward, token losses, backward, optimizer step; then whether any rank got a stop
+        # signal or ran out of time (agreed in the step's closing all-reduce)
+        row, stop_signal, out_of_time = optimizer_step(p, step, lambda seconds: p.stop.out_of_time(
+            step_seconds=max(step_seconds, seconds), save_seconds=save_seconds))
+        record_progress(step + 1)  # in the group's store: the ranks left can name one that stops answering
         # 6. log: the step's loss is its summed token loss over all ranks divided by its supervised tokens.
         row["elapsed_s"] = time.time() - start
         total_tokens += row["tokens"]
+        training_seconds += row["step_time_s"]
         losses.append(row["loss"])
         # A NaN/inf loss or grad norm (the same on every rank): skip the update DeepSpeed dropped, or stop
         # before this state is evaluated or saved (nonfinite.py).
@@ -113,7 +124,10 @@ def train_loop(parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResu
             latest = checkpoint.latest_checkpoint(p.saving.run_dir)
             raise nonfinite.NonFiniteError(nonfinite.stop_message(verdict, latest))
         last, improved, early_stop = step + 1 == max_steps, False, None
-        if p.evals.due(step + 1, last):
+        if stop_signal and not last and p.evals.due(step + 1, last):
+            # SLURM's warning leaves minutes before the kill: the checkpoint comes first, the eval not at all
+            log(f"step {step + 1}: eval skipped, {stop_signal} received (the checkpoint comes first)")
+        elif p.evals.due(step + 1, last):
             entries, improved, early_stop = p.evals.run(engine, p.data, p.head, step=step + 1, metrics=p.metrics)
             row |= entries
         p.metrics.write(row)
@@ -122,24 +136,38 @@ def train_loop(parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResu
         # before stopping early; the run ends at max_steps.
         step_seconds = max(step_seconds, time.time() - step_start)
         why = None if last else early_stop or (f"{stop_signal} received" if stop_signal else None) or \
-            p.stop.reason(step=step + 1, steps_run=len(losses), step_seconds=step_seconds, save_seconds=save_seconds)
+            p.stop.reason(step=step + 1, steps_run=len(losses), out_of_time=out_of_time, step_seconds=step_seconds,
+                          save_seconds=save_seconds)
         if (p.saving.every and (step + 1) % p.saving.every == 0 and not last) or (why and not early_stop) or \
                 (improved and p.saving.best):
             save_start = time.time()
             path = p.saving.save(engine, step + 1, p.evals.tracker)
             save_seconds = time.time() - save_start
             log(f"checkpoint saved: {path}" + ("  (best eval so far)" if improved and p.saving.best else ""))
+        p.watch.disarm()
+        longest = max(longest, time.time() - step_start)
         if why:
             log(f"stopping early ({why})")
             break
     return LoopResult(len(losses), step + 1, losses[0] if losses else float("nan"),
                       losses[-1] if losses else float("nan"), total_tokens, time.time() - start,
-                      stop_signal if why and not early_stop else None, early_stop if why else None)
+                      stop_signal if why and not early_stop else None, early_stop if why else None,
+                      training_seconds)
 
 
-def optimizer_step(p: LoopParts, step: int) -> tuple[dict, Optional[str]]:
+def agreed_stop_signal() -> Optional[str]:
+    """The stop signal any rank has got so far, the same on every rank (every rank calls this: one
+    all-reduce). SIGTERM wins: a cancelled job is never requeued."""
+    signalled = stopping.received()
+    usr1, term = all_reduce_sum([float(signalled == "SIGUSR1"), float(signalled == "SIGTERM")])
+    return "SIGTERM" if term > 0 else "SIGUSR1" if usr1 > 0 else None
+
+
+def optimizer_step(p: LoopParts, step: int,
+                   out_of_time: Callable[[float], bool]) -> tuple[dict, Optional[str], bool]:
     """One optimizer step on every rank: its metrics row (``loss``, ``lr``, ``grad_norm``, token counts,
-    throughput, per-source losses; no ``elapsed_s``) and the stop signal any rank got during it."""
+    throughput, per-source losses; no ``elapsed_s``), the stop signal any rank got during it, and whether
+    any rank's ``out_of_time(seconds this step took)`` said its time budget is used up."""
     engine, step_start = p.engine, time.time()
     num_sources, dev = len(p.data.sources), device()
     stage0, grad_norm = engine.zero_optimization_stage() == 0, None
@@ -165,10 +193,13 @@ def optimizer_step(p: LoopParts, step: int) -> tuple[dict, Optional[str]]:
         engine.step()
         sums += loss.per_source_sums(token_losses, batch["token_source"][mask], num_sources)
 
-    # The same collective as the losses tells every rank whether any rank got a stop signal (stopping.py).
-    signalled = stopping.received()
-    totals = all_reduce_sum([*sums.tolist(), float(signalled == "SIGUSR1"), float(signalled == "SIGTERM")])
-    got_term, got_usr1 = totals.pop() > 0, totals.pop() > 0
+    # The same collective as the losses tells every rank whether any rank got a stop signal or ran out of
+    # time (stopping.py): a decision that ends the loop is taken by all ranks together, or a rank that
+    # stops alone leaves the others in the next step's collective.
+    signalled, late = stopping.received(), out_of_time(time.time() - step_start)
+    totals = all_reduce_sum([*sums.tolist(), float(late), float(signalled == "SIGUSR1"),
+                             float(signalled == "SIGTERM")])
+    got_term, got_usr1, any_late = totals.pop() > 0, totals.pop() > 0, totals.pop() > 0
     stop_signal = "SIGTERM" if got_term else "SIGUSR1" if got_usr1 else None  # a cancel is never requeued
     grad_norm = grad_norm if stage0 else engine.get_global_grad_norm()
     row = {"step": step + 1, "loss": sum(totals[:num_sources]) / max(global_supervised, 1), "lr": lr,
@@ -177,4 +208,4 @@ def optimizer_step(p: LoopParts, step: int) -> tuple[dict, Optional[str]]:
            **p.meter.metrics(supervised=int(global_supervised), tokens=int(global_tokens), slots=int(global_slots),
                              attention=int(global_attention), seconds=time.time() - step_start),
            "elapsed_s": None, **per_source_metrics("loss", p.data.names, totals)}
-    return row, stop_signal
+    return row, stop_signal, any_late

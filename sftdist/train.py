@@ -8,6 +8,8 @@ directory, build the data, build the engine, open the run directory, train, fini
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import sys
 import time
@@ -26,8 +28,8 @@ from sftdist.data.messages import DataError
 from sftdist.engine import adapter, attention, build_locks, deepspeed_wrap, distributed, model as models, optim
 from sftdist.engine.distributed import is_main, log
 from sftdist.engine.forward import LossHead
-from sftdist.lifecycle import checkpoint, export, nonfinite, resume_check, rundir, startup, stopping
-from sftdist.loop import LoopParts, LoopResult, Saving, train_loop
+from sftdist.lifecycle import checkpoint, export, hangs, nonfinite, resume_check, rundir, startup, stopping
+from sftdist.loop import LoopParts, LoopResult, Saving, agreed_stop_signal, train_loop
 from sftdist.observe import advice, evaluation, metrics_log, progress, samples, step_metrics
 
 register_configs()
@@ -52,10 +54,13 @@ def run(cfg: SFTConfig, *, peft_was_chosen: bool = False) -> Path:
     run_dir, resume_from = choose_run_dir(cfg)
     if resume_from and already_at_stop(cfg.train, resume_from):
         return run_dir
+    if resume_from:
+        startup.check_zero_stage(resume_from, cfg.parallelism.zero_stage)
     tokenizer = models.load_tokenizer(cfg.model)
     settings = resume_check.run_settings(cfg, tokenizer)
     prepared = build_data(cfg, tokenizer, resume_from, settings)
     resume_step = checkpoint.checkpoint_step(resume_from) if resume_from else None
+    origin = rundir.resume_origin(cfg.train.resume, resume_from)
     precision = deepspeed_wrap.resolve_precision(cfg.parallelism.precision, gpu=gpu)
     ds_config = build_ds_config(cfg, world=world, gpu=gpu, precision=precision)
     if resume_from and checkpoint.needs_universal(resume_from, world):
@@ -72,7 +77,7 @@ def run(cfg: SFTConfig, *, peft_was_chosen: bool = False) -> Path:
         zero_stage=cfg.parallelism.zero_stage, precision=precision, grad_accum=grad_accum_steps(cfg.train, world),
         packing=cfg.data.packing, max_length=cfg.train.max_length, run_dir=str(run_dir))
     parts = loop_parts(cfg, engine, model, tokenizer, prepared, run_dir, resume_from, settings,
-                       start_step=start_step, precision=precision, started=started)
+                       start_step=start_step, precision=precision, started=started, origin=origin)
     result = train(cfg, parts, start_step=start_step, max_steps=prepared.max_steps)
     finish(cfg, parts, result, tokenizer, max_steps=prepared.max_steps)
     return run_dir
@@ -82,6 +87,10 @@ def start_processes(cfg: SFTConfig) -> tuple[int, bool]:
     """Join the process group and check the config against it; return the world size and whether a GPU is here."""
     build_locks.clear_stale_build_locks(cfg.parallelism.build_lock_stale_s)  # before DeepSpeed builds any op
     distributed.init_distributed(timeout_s=cfg.parallelism.collective_timeout_s)
+    distributed.start_heartbeat()  # so that the ranks left can tell a silent rank from a slow one
+    # From here a stop signal is kept, not fatal: during start-up (a long tokenisation, a 70B load) it is
+    # acted on before the first step (no step runs; requeued or exit 75), later after the current step.
+    stopping.install_stop_handlers()
     gpu, world = distributed.has_gpu(), distributed.world_size()
     validate(cfg, dp_world=world, has_gpu=gpu)
     return world, gpu
@@ -93,7 +102,11 @@ def choose_run_dir(cfg: SFTConfig) -> tuple[Path, Optional[Path]]:
     rundir.check_writable(run_dir)
     for path in rundir.clean_partial_saves(run_dir):
         log(f"removed {path}, left by a save that crashed")
-    return run_dir, rundir.resolve_resume(run_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+    # Rank 0 decides and every rank follows: on a shared filesystem with attribute caching, nodes can see
+    # another `latest` for a moment.
+    decision = distributed.agreed(
+        lambda: rundir.resolve_resume(run_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite))
+    return run_dir, decision
 
 
 def already_at_stop(t, resume_from: Path) -> bool:
@@ -190,9 +203,8 @@ def open_run_dir(cfg: SFTConfig, run_dir: Path, engine, resume_from: Optional[Pa
 
 def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_dir: Path,
                resume_from: Optional[Path], settings: dict, *, start_step: int, precision: str,
-               started: float) -> LoopParts:
-    """The loss head, meters, eval plan, checkpointing and stop rules the loop works with; from here on a
-    stop signal means: finish the step, checkpoint, exit."""
+               started: float, origin: Optional[str]) -> LoopParts:
+    """The loss head, meters, eval plan, checkpointing and stop rules the loop works with."""
     t, data, world = cfg.train, prepared.data, distributed.world_size()
     head = startup.choose_head(engine, data, prepared.schedule, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
                                step=start_step, micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id,
@@ -200,39 +212,60 @@ def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_
     meter, peak_note = step_metrics.StepMeter.build(model, precision=precision, peak_override=cfg.logging.peak_flops,
                                                     head_everywhere=head.mode == "full")
     log(peak_note)
-    saved_eval = checkpoint.saved_state(resume_from).get("eval") if resume_from else None
-    tracker = evaluation.EvalTracker.from_state(t.early_stopping, saved_eval)
+    saved = checkpoint.saved_state(resume_from) if resume_from else {}
+    tracker = evaluation.EvalTracker.from_state(t.early_stopping, saved.get("eval"))
     if not (prompts := samples.sample_prompts(data, tokenizer, cfg.logging)) and cfg.logging.samples:
         log("warning: logging.samples is set but no source has an eval split: no sample generations "
             "(give a source eval_fraction or eval_path, or set logging.sample_prompts)")
     evals = evaluation.EvalPlan(t.eval_every, t.eval_at_start, tracker, data.has_eval(), t.micro_batch_size,
                                 tokenizer.pad_token_id, prompts, tokenizer, cfg.logging.sample_max_new_tokens,
                                 synced=cfg.parallelism.zero_stage == 3 and world > 1)
-    stopping.install_stop_handlers()
     metrics = metrics_log.MetricsLogger(run_dir, cfg.logging, cfg.run_name or run_dir.name,
-                                        OmegaConf.to_container(OmegaConf.structured(cfg)))
+                                        OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                        saved.get("wandb_id") if own_checkpoint(run_dir, resume_from) else None)
     return LoopParts(
         engine=engine, data=data, schedule=prepared.schedule, micro_batch_size=t.micro_batch_size,
         pad_id=tokenizer.pad_token_id, packed=cfg.data.packing, head=head, metrics=metrics, meter=meter,
         progress=progress.Progress(start_step=start_step, max_steps=prepared.max_steps,
                                    log_every=cfg.logging.log_every, mode=cfg.logging.progress),
         evals=evals, saving=Saving(run_dir, t.save_every, t.keep_last, {**settings, **prepared.kept},
-                                   best=tracker.enabled and t.early_stopping.save == "best"),
+                                   best=tracker.enabled and t.early_stopping.save == "best",
+                                   resumed_from=origin, wandb_id=metrics.wandb_id),
         stop=stopping.StopRule.from_config(t, started),
-        guard=nonfinite.NonFiniteGuard(t.on_nonfinite, t.max_consecutive_nonfinite))
+        guard=nonfinite.NonFiniteGuard(t.on_nonfinite, t.max_consecutive_nonfinite),
+        watch=hangs.StackWatch(run_dir, distributed.rank(), timeout_s=cfg.parallelism.collective_timeout_s))
+
+
+def own_checkpoint(run_dir: Path, resume_from: Optional[Path]) -> bool:
+    """The run resumes from a checkpoint of its own directory (not a warm start from another run's)."""
+    return resume_from is not None and run_dir.resolve() in resume_from.resolve().parents
 
 
 def train(cfg: SFTConfig, parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResult:
-    """The loop; a lost peer is named, and the progress bar closes either way."""
+    """The loop (none of it after a stop signal during start-up); a lost peer is named, and the progress bar
+    closes either way."""
+    if start_step < max_steps and (signal := agreed_stop_signal()):
+        log(f"{signal} received during start-up: stopping before step {start_step + 1}")
+        parts.progress.close()
+        return LoopResult(0, start_step, math.nan, math.nan, 0, 0.0, stop_signal=signal)
     try:
         result = train_loop(parts, start_step=start_step, max_steps=max_steps)
     except RuntimeError as e:
-        distributed.report_lost_peer(e, timeout_s=cfg.parallelism.collective_timeout_s)
+        if distributed.report_lost_peer(e, timeout_s=cfg.parallelism.collective_timeout_s):
+            print(f"sftdist rank {distributed.rank()}: its stack: {parts.watch.dump_now()}", file=sys.stderr,
+                  flush=True)
+        parts.metrics.close()
+        raise
+    except BaseException:
+        parts.metrics.close()  # the next point of a local sweep starts its own files and W&B run
         raise
     finally:
         parts.progress.close()
-    log(f"ran {result.steps} steps in {result.seconds:.1f}s, loss {result.first_loss:.4f} -> "
-        f"{result.last_loss:.4f}, {result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s")
+        parts.watch.close()
+    # tokens/s of the steps themselves: eval passes and checkpoint saves are in seconds, not in the rate (#20)
+    log(f"ran {result.steps} steps in {result.seconds:.1f}s ({result.step_seconds:.1f}s of them optimizer steps), "
+        f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}, "
+        f"{result.tokens / max(result.step_seconds, 1e-9):,.0f} tokens/s")
     return result
 
 
@@ -241,24 +274,35 @@ def finish(cfg: SFTConfig, parts: LoopParts, result: LoopResult, tokenizer, *, m
     the merged model with peft.merge_on_save); a stopped one says how it resumes, and requeues after SIGUSR1."""
     run_dir, engine = parts.saving.run_dir, parts.engine
     log(f"run directory: {run_dir}")
-    if result.last_step == max_steps or result.early_stopped:
+    if result.last_step == max_steps and not result.early_stopped and (signal := agreed_stop_signal()):
+        # The signal came during the last step's eval: checkpoint the last step, requeue (or exit 75), and
+        # the same command then writes final/ without training (#23).
+        if result.steps:  # (none: this process resumed from the last step's checkpoint, so it is there)
+            log(f"{signal} received after the last step: checkpoint saved: "
+                f"{parts.saving.save(engine, max_steps, parts.evals.tracker)}")
+        result = dataclasses.replace(result, stop_signal=signal)
+        stopped(result, max_steps, reason="final/ is written when the same command runs again")
+    elif result.last_step == max_steps or result.early_stopped:
         if parts.saving.best:
             restore_best(engine, run_dir, parts.evals.tracker, last_step=result.last_step)
         log(f"final model:   {checkpoint.save_final(engine, tokenizer, run_dir)}")
-        if cfg.peft.method != "none" and cfg.peft.merge_on_save:
-            if is_main():
-                log(f"merged model:  {export.merge_adapter(run_dir)}")
-            distributed.barrier()
+        if cfg.peft.method != "none" and cfg.peft.merge_on_save:  # rank 0 merges; the others wait long
+            log(f"merged model:  {distributed.main_only(lambda: export.merge_adapter(run_dir))}")
     else:
-        log(f"stopped after step {result.last_step} of {max_steps}; the same command resumes from the checkpoint")
-        if result.stop_signal:  # every rank stopped after the same step, so every rank gets here
-            requeue = stopping.requeue_after(result.stop_signal) if is_main() else None
-            requeued, note = distributed.broadcast_from_main(requeue)
-            if note:
-                log(note)
-            log(f"exit status {stopping.record_stop(requeued=requeued)}: "
-                + ("requeued" if requeued else f"stopped by {result.stop_signal}, resumable (stopping.py)"))
+        stopped(result, max_steps, reason="the same command resumes from the checkpoint")
     parts.metrics.close()
+
+
+def stopped(result: LoopResult, max_steps: int, *, reason: str) -> None:
+    """Say where the run stopped; after a stop signal, requeue the SLURM job (SIGUSR1) or record exit 75."""
+    log(f"stopped after step {result.last_step} of {max_steps}; {reason}")
+    if result.stop_signal:  # every rank stopped after the same step, so every rank gets here
+        requeue = stopping.requeue_after(result.stop_signal) if is_main() else None
+        requeued, note = distributed.broadcast_from_main(requeue)
+        if note:
+            log(note)
+        log(f"exit status {stopping.record_stop(requeued=requeued)}: "
+            + ("requeued" if requeued else f"stopped by {result.stop_signal}, resumable (stopping.py)"))
 
 
 def restore_best(engine, run_dir: Path, tracker: evaluation.EvalTracker, *, last_step: int) -> None:
@@ -278,6 +322,9 @@ def restore_best(engine, run_dir: Path, tracker: evaluation.EvalTracker, *, last
             f"step {last_step}")
 
 
+FAILED_POINTS: list[str] = []  # the local sweep points that failed in this process, in order
+
+
 @hydra.main(version_base=None, config_path="pkg://sftdist.conf", config_name="config")
 def _hydra_main(raw: DictConfig) -> None:
     try:
@@ -291,7 +338,12 @@ def _hydra_main(raw: DictConfig) -> None:
         run(cfg, peft_was_chosen=overrides.peft_chosen(task))
     except (ConfigError, DataError, checkpoint.CheckpointError, nonfinite.NonFiniteError) as e:
         # A user mistake or a full disk, not a crash: one clear line (from rank 0; every rank fails alike).
-        sys.exit(f"sftdist: error: {e}" if is_main() else 2)
+        if not (sweep.in_multirun() and "SUBMITIT_FOLDER" not in os.environ):
+            sys.exit(f"sftdist: error: {e}" if is_main() else 2)
+        # A point of a local sweep (one process runs them all): a diverged point is an expected outcome, so
+        # the sweep goes on; main() exits non-zero at its end, naming the failed points.
+        print(f"sftdist: error: {e}", file=sys.stderr, flush=True)
+        FAILED_POINTS.append(f"{HydraConfig.get().job.num} ({e})")
     several = distributed.world_size() > 1
     if several or not sweep.in_multirun():
         # (The points of a local sweep run one after another in this process and share its one-process
@@ -315,11 +367,14 @@ def main() -> None:
     """Console entry point. Drops ``--local_rank=N``, which the ``deepspeed`` launcher appends (the same
     value is in the LOCAL_RANK variable) and which Hydra would reject as an override."""
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    FAILED_POINTS.clear()
     try:
         overrides.check_override_keys(sys.argv[1:])  # Hydra's own message for an unknown key suggests nothing useful
     except ConfigError as e:
         sys.exit(f"sftdist: error: {e}" if is_main() else 2)
     _hydra_main()
+    if FAILED_POINTS:
+        sys.exit(f"sftdist: {len(FAILED_POINTS)} sweep point(s) failed: " + "; ".join(FAILED_POINTS))
 
 
 if __name__ == "__main__":

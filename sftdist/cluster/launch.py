@@ -84,6 +84,17 @@ def launcher_command(launch: LaunchConfig, overrides: list[str], *, nproc: int) 
     return cmd + ["--no_local_rank", "--module", "sftdist.train", *overrides]
 
 
+def launcher_env(launch: LaunchConfig) -> dict[str, str]:
+    """Variables the launcher itself reads: torchrun's grace period between SIGTERM and SIGKILL (an
+    environment variable, not torchrun's ``--shutdown-timeout`` flag, which torch before 2.11 refuses).
+
+    Example:
+        >>> launcher_env(LaunchConfig(shutdown_timeout_s=900))
+        {'TORCH_ELASTIC_SHUTDOWN_TIMEOUT': '900'}
+    """
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(launch.shutdown_timeout_s)} if launch.launcher == "torchrun" else {}
+
+
 def pdsh_arg(arg: str) -> str:
     """``arg`` encoded for DeepSpeed's pdsh runner, so that each host's shell hands it to the script unchanged.
 
@@ -104,8 +115,25 @@ def resolve_launch(overrides: list[str]) -> tuple[SFTConfig, list[str]]:
     ``output_dir`` to an absolute path so every rank and node writes to the same run directory."""
     cfg = compose_config(overrides)
     run_dir = str(Path(cfg.output_dir).absolute())
-    pinned = [o for o in overrides if not o.lstrip("+~").startswith("output_dir=")] + [f"output_dir={run_dir}"]
-    return cfg, pinned
+    pinned = [o for o in overrides if not o.lstrip("+~").startswith("output_dir=")]
+    return cfg, [*pinned, f"output_dir={hydra_quoted(run_dir)}"]
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as a Hydra override value that parses back to itself: quoted unless plainly safe (a path with
+    ``=``, ``,``, spaces or brackets would otherwise split into a sweep or fail to parse on every rank).
+
+    Example:
+        >>> print(hydra_quoted("/runs/a"), hydra_quoted("/runs/lr=1e-5,bs=8"), hydra_quoted("/runs/it's"))
+        /runs/a '/runs/lr=1e-5,bs=8' "/runs/it's"
+    """
+    if re.fullmatch(r"[\w/.@:+~-]+", value):
+        return value
+    quote = "'" if "'" not in value or '"' in value else '"'
+    # Inside quotes, a backslash escapes only a quote or the backslashes right before one.
+    escaped = re.sub(r"(\\*)(" + quote + r"|$)", lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""),
+                     value)
+    return quote + escaped + quote
 
 
 def submit_slurm(cfg: SFTConfig, overrides: list[str], *, dry_run: bool, wait: bool) -> int:
@@ -130,7 +158,8 @@ def submit_slurm(cfg: SFTConfig, overrides: list[str], *, dry_run: bool, wait: b
     if launch.prepare_first:
         prepare_id = sbatch([str(run_dir / "prepare.sbatch")])
         print(f"submitted data preparation job {prepare_id}", flush=True)
-        dependency = [f"--dependency=afterok:{prepare_id}"]
+        # A failed data job cancels the training job (else it would stay PENDING forever).
+        dependency = [f"--dependency=afterok:{prepare_id}", "--kill-on-invalid-dep=yes"]
     job_id = sbatch([*dependency, str(run_dir / "job.sbatch")])
     print(f"submitted training job {job_id}; log: {run_dir}/slurm-{job_id}.out", flush=True)
     return wait_for_job(job_id) if wait else 0
@@ -149,9 +178,9 @@ def wait_for_job(job_id: str) -> int:
         status = job_exit_status(proc.stdout)
         if status is not None:
             if "DependencyNeverSatisfied" in proc.stdout:
-                subprocess.run(["scancel", job_id])
-                print(f"sftdist-launch: the data preparation job failed, so training job {job_id} can never "
-                      "start; cancelled it (see slurm-prepare-*.out in the run directory)", file=sys.stderr)
+                subprocess.run(["scancel", job_id], capture_output=True)  # (SLURM may have cancelled it already)
+                print(f"sftdist-launch: the data preparation job failed, so training job {job_id} never started "
+                      "(see slurm-prepare-*.out in the run directory)", file=sys.stderr)
             return status
         time.sleep(1.0 if time.monotonic() - start < 60 else 10.0)
 
@@ -188,9 +217,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "--wait" in flags:
         sys.exit(f"sftdist-launch: --wait is for launch=slurm; {USAGE}")
     cmd = launcher_command(cfg.launch, pinned, nproc=cfg.launch.nproc_per_node or default_nproc())
-    print(shlex.join(cmd), flush=True)
+    env = launcher_env(cfg.launch)
+    print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd), flush=True)
     if "--dry-run" not in flags:
-        os.execvp(cmd[0], cmd)
+        os.execvpe(cmd[0], cmd, {**os.environ, **env})
 
 
 if __name__ == "__main__":

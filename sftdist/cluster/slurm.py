@@ -47,7 +47,7 @@ def sbatch_header(launch: LaunchConfig, *, job_name: str, log: Path, nodes: int,
                   gpus: bool = True) -> list[str]:
     """The ``#SBATCH`` lines for the resources in ``launch`` (values are single lines; see the module doc)."""
     lines = [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-             f"--time={launch.time}", f"--output={log}", "--open-mode=append"]
+             f"--time={launch.time}", f"--output={sbatch_path(log)}", "--open-mode=append"]
     options = {"partition": launch.partition, "account": launch.account, "qos": launch.qos,
                "cpus-per-task": launch.cpus_per_task, "mem": launch.mem, "constraint": launch.constraint}
     lines += [f"--{k}={v}" for k, v in options.items() if v is not None]
@@ -59,6 +59,20 @@ def sbatch_header(launch: LaunchConfig, *, job_name: str, log: Path, nodes: int,
     if bad := [line for line in lines if any(c in line for c in "\n\r\0")]:
         raise ConfigError(f"#SBATCH {bad[0]!r}: a value holds a line break (output_dir, launch.*); use one line")
     return ["#SBATCH " + line for line in lines]
+
+
+def sbatch_path(log: Path) -> str:
+    """``log`` as an ``#SBATCH --output`` value: a ``%`` of the directory is literal (``%%``; only the file
+    name's ``%j`` is SLURM's pattern), and a path with spaces or quotes is double-quoted, as sbatch reads it.
+
+    Example:
+        >>> print(sbatch_path(Path("/runs/a/slurm-%j.out")), sbatch_path(Path('/runs/50% "b"/slurm-%j.out')))
+        /runs/a/slurm-%j.out "/runs/50%% \\"b\\"/slurm-%j.out"
+    """
+    text = str(log.parent).replace("%", "%%") + "/" + log.name
+    if not any(c in text for c in " \t'\"\\"):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _script(header: list[str], launch: LaunchConfig, cwd: Path, body: list[str], what: str) -> str:
@@ -97,10 +111,10 @@ def train_script(launch: LaunchConfig, *, python: str, cwd: Path, overrides: lis
 
 def prepare_script(launch: LaunchConfig, *, python: str, cwd: Path, overrides: list[str], run_dir: Path,
                    job_name: str) -> str:
-    """The data job of ``launch.prepare_first``: ``sftdist-prepare`` on one node, no GPU, one task."""
+    """The data job of ``launch.prepare_first``: ``sftdist data prepare`` on one node, no GPU, one task."""
     header = sbatch_header(launch, job_name=f"{job_name}-prepare", log=run_dir / "slurm-prepare-%j.out",
                            nodes=1, tasks_per_node=1, gpus=False)
-    body = [shlex.join([python, "-c", "from sftdist.tools.data_cli import prepare_main; prepare_main()", *overrides])]
+    body = [shlex.join([python, "-m", "sftdist", "data", "prepare", *overrides])]
     return _script(header, launch, cwd, body, "sftdist data preparation job")
 
 
@@ -143,17 +157,22 @@ def job_exit_status(record: str) -> int | None:
 def slurm_rank_env(env) -> Optional[dict[str, str]]:
     """The process-group variables of a rank that ``srun`` started (sbatch jobs, submitit), from SLURM's own:
     rank = ``SLURM_PROCID``, world = the step's tasks; the others are met at the job's first node on a port
-    derived from the job id, unless ``MASTER_ADDR``/``MASTER_PORT`` are set. None outside a multi-task step.
+    derived from the job id, unless ``MASTER_ADDR``/``MASTER_PORT`` are set. None outside a multi-task step:
+    a plain ``python -m sftdist.train`` in the batch script (or an salloc shell) of a 4-task allocation sees
+    ``SLURM_NTASKS=4`` but is one process, and must not wait for three ranks that never come.
 
     Example:
         >>> slurm_rank_env({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
         ...                 "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "1234", "MASTER_ADDR": "n1"})
         {'RANK': '3', 'WORLD_SIZE': '4', 'LOCAL_RANK': '1', 'LOCAL_WORLD_SIZE': '2', 'MASTER_ADDR': 'n1', 'MASTER_PORT': '21234'}
+        >>> slurm_rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "4",
+        ...                 "SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "n1"}) is None
+        True
     """
-    world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or 1)  # only an srun step's tasks are ranks
     if "SLURM_PROCID" not in env or world <= 1:
         return None
-    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or "1"
     addr = env.get("MASTER_ADDR") or _first_host(env["SLURM_JOB_NODELIST"])
     return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
             "LOCAL_WORLD_SIZE": per_node.split("(")[0].split(",")[0], "MASTER_ADDR": addr,

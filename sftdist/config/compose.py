@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from sftdist.config.checks import ConfigError, check_choice, check_positive  # noqa: F401
-from sftdist.config.launch import LaunchConfig, slurm_minutes  # noqa: F401
-from sftdist.config.rules import validate, validate_early_stopping  # noqa: E402,F401
+from sftdist.config.launch import sbatch_parameters, slurm_minutes
 from sftdist.config.schema import SFTConfig
 
 
@@ -44,7 +42,8 @@ def load_run_config(run_dir) -> SFTConfig:
 
 def register_configs() -> None:
     """Register the root schema so that ``conf/config.yaml`` can name it in its defaults, and the
-    ``sftdist_minutes`` and ``sftdist_or`` resolvers that ``conf/hydra/launcher/slurm.yaml`` uses."""
+    ``sftdist_minutes``, ``sftdist_or`` and ``sftdist_sbatch`` resolvers that ``conf/hydra/launcher/slurm.yaml``
+    uses."""
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
@@ -52,3 +51,6 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sftdist_minutes", slurm_minutes)
         # the first value that is set and non-zero, e.g. processes per node = nproc_per_node or GPUs or 1
         OmegaConf.register_new_resolver("sftdist_or", lambda *values: next((v for v in values if v), None))
+    if not OmegaConf.has_resolver("sftdist_sbatch"):
+        OmegaConf.register_new_resolver("sftdist_sbatch", lambda mem, requeue, extra: sbatch_parameters(
+            mem, requeue, list(extra)))

@@ -9,6 +9,9 @@ from typing import List, Optional
 from sftdist.config.checks import ConfigError, check_choice, check_positive
 
 LAUNCHERS = ("torchrun", "deepspeed", "slurm")
+# SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; or no limit at all.
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}")
+NO_TIME_LIMIT = ("UNLIMITED", "INFINITE")
 
 
 @dataclass
@@ -23,6 +26,10 @@ class LaunchConfig:
     master_port: int = 29500
     rdzv_endpoint: Optional[str] = None  # torchrun, several nodes: host:port of the c10d rendezvous
     hostfile: Optional[str] = None  # deepspeed: ssh fan-out to these hosts (else one launcher per node, --no_ssh)
+    # torchrun: seconds the ranks get after a SIGTERM (docker stop, a k8s eviction, a preempted job) to finish
+    # the step and checkpoint before torchrun SIGKILLs them (torch's default: 30). The orchestrator's own grace
+    # period must cover it too. The deepspeed launcher's is fixed at 30 s.
+    shutdown_timeout_s: int = 600
     # launcher=slurm: what the job asks for (see slurm/ for templates)
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -46,6 +53,7 @@ class LaunchConfig:
         check_positive("launch.nnodes", self.nnodes)
         check_positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
         check_positive("launch.signal_seconds", self.signal_seconds, allow_zero=True)
+        check_positive("launch.shutdown_timeout_s", self.shutdown_timeout_s, allow_zero=True)
         for key in ("partition", "account", "qos", "time", "mem", "constraint", "job_name", "rdzv_endpoint"):
             value = getattr(self, key)
             if value is not None and (not str(value).strip() or any(c in str(value) for c in "\n\r\0")):
@@ -54,6 +62,9 @@ class LaunchConfig:
             value = getattr(self, key)
             if value is not None and not re.fullmatch(r"[A-Za-z0-9._:\[\]-]+", value):
                 raise ConfigError(f"launch.{key}={value!r}: must be a host name or address (optionally :port)")
+        if not SLURM_TIME.fullmatch(self.time) and self.time.upper() not in NO_TIME_LIMIT:
+            raise ConfigError(f"launch.time={self.time!r}: not a SLURM time limit; give MM, HH:MM:SS or "
+                              f"D-HH:MM:SS (e.g. 04:00:00, 1-12:00:00), or UNLIMITED")
         for key in ("sbatch_extra", "setup"):
             if any(any(c in line for c in "\n\r\0") for line in getattr(self, key)):
                 raise ConfigError(f"launch.{key}: give one list item per line, without line breaks")
@@ -65,7 +76,13 @@ def slurm_minutes(time: str) -> int:
     Example:
         >>> slurm_minutes("04:00:00"), slurm_minutes("1-12:30"), slurm_minutes("90")
         (240, 2190, 90)
+
+    Raises:
+        ConfigError: for ``UNLIMITED``: submitit asks every job for a finite time limit.
     """
+    if str(time).upper() in NO_TIME_LIMIT:
+        raise ConfigError(f"launch.time={time}: a sweep through hydra/launcher=slurm (submitit) needs a finite "
+                          "time limit; give one, e.g. launch.time=2-00:00:00")
     days, _, clock = str(time).rpartition("-")
     parts = [int(p) for p in clock.split(":")]
     if days:  # D-HH, D-HH:MM, D-HH:MM:SS
@@ -73,3 +90,28 @@ def slurm_minutes(time: str) -> int:
     else:  # MM, MM:SS, HH:MM:SS
         hours, minutes = (parts[0], parts[1]) if len(parts) == 3 else (0, parts[0])
     return int(days or 0) * 1440 + hours * 60 + minutes
+
+
+def sbatch_parameters(mem: Optional[str], requeue: bool, extra: List[str]) -> dict:
+    """The ``#SBATCH`` options of ``launch.*`` that submitit has no field for, as its ``additional_parameters``
+    (``hydra/launcher=slurm``): the same memory, requeue and extra options as ``launch=slurm`` jobs get.
+
+    Example:
+        >>> sbatch_parameters("64G", False, ["--exclusive", "--mail-type=END"])
+        {'export': 'ALL,SLURM_KILL_BAD_EXIT=1', 'mem': '64G', 'no_requeue': True, 'exclusive': True, 'mail-type': 'END'}
+
+    Raises:
+        ConfigError: for an ``launch.sbatch_extra`` item that is not a long option (``--name[=value]``).
+    """
+    # srun reads SLURM_KILL_BAD_EXIT from the job's environment: a task that dies ends the point's step.
+    params: dict = {"export": "ALL,SLURM_KILL_BAD_EXIT=1"}
+    if mem is not None:
+        params["mem"] = str(mem)
+    params["requeue" if requeue else "no_requeue"] = True  # submitit turns "_" into "-"
+    for option in extra:
+        if not re.fullmatch(r"--[A-Za-z][\w-]*(=.*)?", option):
+            raise ConfigError(f"launch.sbatch_extra: {option!r}: give long options (--exclusive, --gres=gpu:1)")
+        name, has_value, value = option[2:].partition("=")
+        params[name] = value if has_value else True
+    return params
+

@@ -93,7 +93,7 @@ class DataConfig:
     truncation: str = "truncate"  # over-length samples: truncate | drop | error (stop, naming the record)
     on_bad_record: str = "error"  # error (stop, naming file and record) | skip (count per reason)
     audit_samples: int = 32  # records per source whose masks are audited before training (0 = off)
-    num_proc: int = 0  # tokenisation processes; 0 = one per CPU core, up to 8
+    num_proc: int = 0  # tokenisation processes; 0 = one per CPU this process may use (affinity), up to 8
     # a chat template with no end-of-turn token is an error (the model would never learn to stop); false allows it
     require_end_of_turn: bool = True
     cache_dir: Optional[str] = None  # tokenised-data cache; default $SFTDIST_CACHE/data

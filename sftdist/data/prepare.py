@@ -218,7 +218,10 @@ def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, t
 
 
 def default_num_proc(cfg: DataConfig) -> int:
-    return cfg.num_proc or min(8, os.cpu_count() or 1)
+    """``data.num_proc``, else up to 8 workers on the CPUs this process may run on: a SLURM job's (or a
+    container's, or taskset's) CPUs, not every core of the machine (#27)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cfg.num_proc or min(8, usable or 1)
 
 
 def prepare_source(source: DataSource, cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> Path:

@@ -4,7 +4,9 @@ config builder and the engine wrapper. DeepSpeed is imported only inside functio
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
@@ -14,6 +16,7 @@ import torch.distributed as dist
 
 from sftdist.cluster.launch import free_port
 from sftdist.cluster.slurm import slurm_rank_env
+from sftdist.config import ConfigError
 from sftdist.config.redact import redact_text
 from sftdist.engine.build_locks import use_env_extensions_dir
 
@@ -85,13 +88,109 @@ def lost_peer(error: BaseException, *, timeout_s: float) -> Optional[str]:
     return "a peer rank is gone (its connection closed: it died, or was killed)"
 
 
-def report_lost_peer(error: BaseException, *, timeout_s: float) -> None:
+def report_lost_peer(error: BaseException, *, timeout_s: float) -> bool:
     """Say on stderr, on every rank (the first to notice may not be rank 0), when ``error`` is a collective
-    that failed for a lost peer; the caller re-raises it."""
-    if why := lost_peer(error, timeout_s=timeout_s):
-        print(f"sftdist rank {rank()}: error: a collective failed, {why}; this rank stops too (the "
-              f"launcher's report or the other ranks' logs name the rank that failed first)", file=sys.stderr,
-              flush=True)
+    that failed for a lost peer, naming the silent ranks or those behind; the caller re-raises it. True if
+    it was one."""
+    why = lost_peer(error, timeout_s=timeout_s)
+    if why:
+        progress = peer_progress()
+        silent = [f"rank {r} (host {progress.get(r, ('?', 0))[0]}, last finished step "
+                  f"{progress.get(r, ('', 'none'))[1]})" for r in silent_ranks()]
+        who = f"{', '.join(silent)} stopped answering" if silent else behind(progress, rank())
+        print(f"sftdist rank {rank()}: error: a collective failed, {why}; {who}; this rank stops too",
+              file=sys.stderr, flush=True)
+    return why is not None
+
+
+PROGRESS_KEY = "sftdist/progress/{}"
+HEARTBEAT_KEY = "sftdist/heartbeat/{}"
+HEARTBEAT_S = 2.0  # a rank's heartbeat thread counts up this often while the process runs (even in a collective)
+
+
+def _store_client(timeout_s: float = 30) -> "dist.TCPStore":
+    """A connection of its own to the launcher's store (``MASTER_ADDR:MASTER_PORT``), for the heartbeat
+    thread, the progress notes and the reads after the process group failed, each with a short timeout."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s))
+
+
+def start_heartbeat() -> None:
+    """Count up ``sftdist/heartbeat/<rank>`` every ``HEARTBEAT_S`` from a daemon thread: a rank that is
+    stopped, frozen or dead stops counting, which ``silent_ranks`` sees; a slow one does not."""
+    if world_size() <= 1:
+        return
+    key = HEARTBEAT_KEY.format(rank())
+
+    def beat() -> None:
+        try:
+            store = _store_client()
+            while True:
+                store.add(key, 1)
+                time.sleep(HEARTBEAT_S)
+        except Exception:  # noqa: BLE001 - the store is gone with the job; nothing to report from here
+            return
+
+    threading.Thread(target=beat, name="sftdist-heartbeat", daemon=True).start()
+
+
+def silent_ranks() -> list[int]:
+    """The ranks whose heartbeat did not move over three beats ([] when the store cannot answer)."""
+    try:
+        store = _store_client(timeout_s=10)
+        keys = [HEARTBEAT_KEY.format(r) for r in range(world_size())]
+        before = [store.add(k, 0) for k in keys]
+        time.sleep(3 * HEARTBEAT_S)
+        return [r for r, (k, b) in enumerate(zip(keys, before)) if store.add(k, 0) == b and r != rank()]
+    except Exception:  # noqa: BLE001 - a diagnosis must never hide the error it diagnoses
+        return []
+
+
+_PROGRESS_STORE = None
+
+
+def record_progress(step: int) -> None:
+    """Note in the launcher's store that this rank finished optimizer ``step`` (on its host), so that the
+    ranks still alive can name the one that stopped answering."""
+    global _PROGRESS_STORE
+    if dist.is_initialized() and world_size() > 1:
+        _PROGRESS_STORE = _PROGRESS_STORE or _store_client()
+        _PROGRESS_STORE.set(PROGRESS_KEY.format(rank()), f"{socket.gethostname()} {step}")
+
+
+def peer_progress() -> dict[int, tuple[str, int]]:
+    """``{rank: (host, last finished step)}`` from the store, for the ranks that recorded one; {} when the
+    store cannot answer (its host was the rank that died)."""
+    try:
+        store, found = _store_client(timeout_s=10), {}
+        for r in range(world_size()):
+            if store.check([PROGRESS_KEY.format(r)]):
+                host, step = store.get(PROGRESS_KEY.format(r)).decode().rsplit(" ", 1)
+                found[r] = (host, int(step))
+        return found
+    except Exception:  # noqa: BLE001 - a diagnosis must never hide the error it diagnoses
+        return {}
+
+
+def behind(progress: dict[int, tuple[str, int]], me: int) -> str:
+    """Which ranks are behind the others, from ``peer_progress``.
+
+    Example:
+        >>> behind({0: ("n1", 3), 1: ("n2", 2)}, 0)
+        'rank 1 (host n2) last finished step 2, this rank step 3'
+        >>> behind({0: ("n1", 3), 1: ("n1", 3)}, 0)
+        'every rank finished step 3'
+        >>> behind({}, 0)
+        "the ranks' progress is unknown (the launcher's report names the rank that failed first)"
+    """
+    if not progress:
+        return "the ranks' progress is unknown (the launcher's report names the rank that failed first)"
+    last = min(step for _, step in progress.values())
+    late = [f"rank {r} (host {host})" for r, (host, step) in sorted(progress.items()) if step == last]
+    if last == max(step for _, step in progress.values()):
+        return f"every rank finished step {last}"
+    mine = progress.get(me, ("", "?"))[1]
+    return f"{', '.join(late)} last finished step {last}, this rank step {mine}"
 
 
 def rank() -> int:
@@ -160,6 +259,21 @@ def _run_on(selected: bool, fn: Callable[[], T]) -> Optional[T]:
     if first is not None:
         raise first
     return result
+
+
+def agreed(decide: Callable[[], T]) -> T:
+    """Rank 0's ``decide()``, on every rank; a ``ConfigError`` it raises is raised on every rank (every rank
+    must call this)."""
+    outcome = None
+    if is_main():
+        try:
+            outcome = (decide(), None)
+        except ConfigError as e:
+            outcome = (None, str(e))
+    value, error = broadcast_from_main(outcome)
+    if error is not None:
+        raise ConfigError(error)
+    return value
 
 
 def local_main_first(fn: Callable[[], T]) -> T:

@@ -143,7 +143,12 @@ def check_supervised_head(model, batch: dict[str, torch.Tensor], *, rtol: float 
     Returns ``None`` when they agree to ``rtol`` of the logits' largest magnitude (bf16 GEMMs of other
     shapes differ by ~1e-3), else a sentence saying how far apart they are or why the check failed. Every
     rank must call it on the same schedule: under ZeRO-3 both forwards gather parameters collectively.
+
+    The check runs on ``check_slice(batch)``: the model's own forward materialises every logit, and a whole
+    micro-batch's ``[B, T, V]`` (four copies, in fp32, at a 152k vocabulary) can exhaust memory that
+    training, which never holds them, fits in.
     """
+    batch = check_slice(batch)
     mask = batch["targets"] != IGNORE_INDEX
     with torch.no_grad():
         full = forward_logits(model, batch)[mask].float()
@@ -158,6 +163,24 @@ def check_supervised_head(model, batch: dict[str, torch.Tensor], *, rtol: float 
     if not math.isfinite(diff) or diff > rtol * max(scale, 1.0):
         return f"its logits differ from the model's own by up to {diff:.3g} (largest logit {scale:.3g})"
     return None
+
+
+def check_slice(batch: dict[str, torch.Tensor], *, min_tokens: int = 64) -> dict[str, torch.Tensor]:
+    """The first row of a collated batch with supervised positions, cut after its first two (and after at
+    least ``min_tokens``): a causal model's logits of a prefix are those of the whole row, so the head check
+    sees the same values at a fraction of the memory.
+
+    Example:
+        >>> batch = {"input_ids": torch.arange(12).view(2, 6), "targets": torch.tensor(
+        ...     [[-100] * 6, [-100, -100, 5, 6, 7, -100]])}
+        >>> {k: v.tolist() for k, v in check_slice(batch, min_tokens=2).items()}
+        {'input_ids': [[6, 7, 8, 9]], 'targets': [[-100, -100, 5, 6]]}
+    """
+    supervised = batch["targets"] != IGNORE_INDEX
+    row = int(supervised.any(dim=1).int().argmax())  # (0 when no row has any)
+    positions = supervised[row].nonzero().flatten().tolist()
+    end = max(min_tokens, positions[min(len(positions), 2) - 1] + 1 if positions else 0)
+    return {k: v[row:row + 1, :end] for k, v in batch.items()}
 
 
 @dataclass(frozen=True)

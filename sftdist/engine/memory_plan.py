@@ -176,7 +176,7 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision
 
 
 def logits_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: str, lm_head: str,
-                 chunk_tokens: int) -> float:
+                 chunk_tokens: int, partitioned_head: bool = False) -> float:
     """The LM head's logits and loss buffer of one micro-batch.
 
     Assumes every position is supervised (the worst case). ``lm_head=supervised`` (sftdist/engine/forward.py)
@@ -197,6 +197,9 @@ def logits_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: st
         precision: The model dtype (the hidden rows; logits are fp32 for the loss).
         lm_head: ``train.lm_head``.
         chunk_tokens: ``train.loss_chunk_tokens``.
+        partitioned_head: ZeRO-3: the head's weight is partitioned, and training computes the whole
+            micro-batch's supervised logits in one chunk (``engine/forward.py``: every chunk would gather
+            the weight collectively, and ranks with different supervised counts would fall out of step).
 
     Returns:
         Bytes of the logits and loss buffers of one micro-batch.
@@ -204,7 +207,7 @@ def logits_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: st
     tokens = micro_batch * seq
     if lm_head == "full":
         return float(tokens * shape.vocab * (BYTES[precision] + 4))
-    rows = min(tokens, chunk_tokens)
+    rows = tokens if partitioned_head else min(tokens, chunk_tokens)
     return float(rows * shape.vocab * 4 + tokens * shape.hidden * BYTES[precision])
 
 

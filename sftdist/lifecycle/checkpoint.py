@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sftdist.engine.distributed import barrier, broadcast_from_main, is_main, rank, world_size
+from sftdist.engine.distributed import barrier, is_main, main_only, rank, world_size
 from sftdist.lifecycle.safe_load import UnsafeCheckpointError, weights_only_loads
 
 CHECKPOINTS = "checkpoints"
@@ -44,18 +44,20 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     Without ``latest`` at all, the newest complete ``step-N``: a run killed between renaming its first
     checkpoint into place and writing ``latest`` for the first time. (The only other way ``latest`` goes
     missing is ``rundir.retire_newer_checkpoints``, which then leaves an ``abandoned-after-step-N``
-    directory, and then nothing here is resumed.)
+    directory, and then nothing here is resumed.) When ``latest`` names a checkpoint that is gone or
+    incomplete (deleted by hand, a disk cleaned up), also the newest complete ``step-N``: never None while a
+    complete checkpoint is there, or ``train.overwrite=true`` would delete it with the run.
     """
     root = run_dir / CHECKPOINTS
     latest = root / "latest"
-    if not latest.exists():
-        if not root.is_dir() or any(root.glob("abandoned-after-step-*")):
-            return None
-        complete = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name)
-                    and (p / "trainer_state.json").exists()]
-        return max(complete, key=step_of, default=None)
-    path = root / latest.read_text().strip()
-    return path if (path / "trainer_state.json").exists() else None
+    if latest.exists():
+        path = root / latest.read_text().strip()
+        if (path / "trainer_state.json").exists():
+            return path
+    elif not root.is_dir() or any(root.glob("abandoned-after-step-*")):
+        return None
+    complete = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / "trainer_state.json").exists()]
+    return max(complete, key=step_of, default=None)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -89,12 +91,15 @@ def has_frozen_parameters(engine) -> bool:
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_settings: dict,
-                    eval_state: Optional[dict] = None, protect_step: Optional[int] = None) -> Path:
+                    eval_state: Optional[dict] = None, protect_step: Optional[int] = None,
+                    resumed_from: Optional[str] = None, wandb_id: Optional[str] = None) -> Path:
     """Save a complete checkpoint after optimizer step ``step`` (every rank must call this), then prune.
 
     Pruning keeps the ``keep_last`` newest checkpoints up to ``step``, always including this one, and never
     removes ``protect_step`` (the best eval step, which early stopping may export). ``eval_state`` (the
-    step-0 eval baseline and early-stopping state) is stored in ``trainer_state.json``.
+    step-0 eval baseline and early-stopping state) is stored in ``trainer_state.json``, and with it
+    ``resumed_from``: the ``train.resume=PATH`` this run's history started from (``rundir.resolve_resume``),
+    and ``wandb_id``: the W&B run a resume continues.
 
     Returns:
         The checkpoint directory.
@@ -113,7 +118,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_set
         if is_main():
             write_trainer_state(tmp, {"step": step, "world_size": world_size(),
                                       "zero_stage": engine.zero_optimization_stage(), "run": run_settings,
-                                      "eval": eval_state or {}})
+                                      "eval": eval_state or {}, "resumed_from": resumed_from,
+                                      "wandb_id": wandb_id})
             publish(root, tag)
     except Exception as e:
         if (why := write_failure(e, root)) is None:
@@ -289,14 +295,15 @@ def save_final(engine, tokenizer, run_dir: Path) -> Path:
     module = engine.module
     state_dict = _final_state_dict(engine)
     final = run_dir / "final"
-    if is_main():
-        def write(tmp: Path) -> None:
-            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
-            tokenizer.save_pretrained(tmp)
 
-        write_whole_dir(final, write, what="the final model", hint=recovery_hint(run_dir))
-    barrier()
-    return Path(broadcast_from_main(str(final)))
+    def write(tmp: Path) -> None:
+        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
+        tokenizer.save_pretrained(tmp)
+
+    # Rank 0 writes while the others wait on the day-long group: writing a 70B model can take longer than
+    # the training group's collective_timeout_s, and a finished run must not then "fail" (#25).
+    main_only(lambda: write_whole_dir(final, write, what="the final model", hint=recovery_hint(run_dir)))
+    return final
 
 
 def write_whole_dir(out: Path, write, *, what: str, hint: str) -> None:

@@ -12,26 +12,35 @@ from __future__ import annotations
 from typing import Any
 
 from sftdist.config import ConfigError, SFTConfig
-from sftdist.data.prepare import cache_key, tokenizer_fingerprint
+from sftdist.data.prepare import PIPELINE_VERSION, tokenizer_fingerprint
+
+
+# What each source's records become: every DataSource field but its name, its weight (compared on its own)
+# and ``generic``, which only says which eval curves are the forgetting curve.
+SOURCE_KEYS = ("path", "format", "columns", "max_samples", "split", "config", "revision", "eval_fraction",
+               "eval_path")
+DATA_KEYS = ("train_on", "truncation", "on_bad_record", "dedup", "min_reply_tokens", "drop_cut_replies")
 
 
 def run_settings(cfg: SFTConfig, tokenizer) -> dict[str, Any]:
-    """The settings that decide the sample order and the token ids, as ``{config key: value}``.
-
-    A source's ``processing`` is its data cache key without its files' size and modification time (a
-    copied or touched file keeps the run resumable; the data check below compares the records themselves).
+    """The settings that decide the sample order and the token ids, as ``{config key: value}``, one key per
+    config field, so that a refused resume names the field. An unset value and its explicit empty default
+    (``columns: {}``, ``eval_fraction: 0``) are the same value. A source's files are compared by the records
+    the data stage kept (``data_summary``), not by their size or time, so a copied or touched file resumes.
     """
     t, d = cfg.train, cfg.data
     settings: dict[str, Any] = {
         "train.global_batch_size": t.global_batch_size, "train.seed": t.seed, "train.max_length": t.max_length,
         "data.packing": d.packing, "data.mix_by": d.mix_by, "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data.sources": [s.name for s in d.sources],
+        "data.sources": [s.name for s in d.sources], "data.pipeline_version": PIPELINE_VERSION,
     }
     settings["model"] = model_identity(cfg)
+    settings |= {f"data.{k}": getattr(d, k) for k in DATA_KEYS}
+    if d.dedup == "near":
+        settings["data.near_dup_threshold"] = d.near_dup_threshold
     for s in d.sources:
         settings[f"data.sources[{s.name}].weight"] = s.weight
-        settings[f"data.sources[{s.name}].processing"] = cache_key(s, d, "", max_length=t.max_length, seed=t.seed,
-                                                                   with_files=False)
+        settings |= {f"data.sources[{s.name}].{k}": getattr(s, k) or None for k in SOURCE_KEYS}
     return settings
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 from sftdist.config import ConfigError
 from sftdist.config.redact import redact, redact_yaml
 from sftdist.engine.distributed import is_main, log
-from sftdist.lifecycle.checkpoint import CHECKPOINTS, latest_checkpoint, step_of
+from sftdist.lifecycle.checkpoint import CHECKPOINTS, latest_checkpoint, saved_state, step_of
 
 RUN_MARKERS = ("metrics.jsonl", "final", "checkpoints")
 STEP_LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON object per line, each with its "step"
@@ -26,7 +26,9 @@ def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[P
       ``overwrite`` (a requeued job must continue, not start over). A finished run (``final/``), or metrics
       without a checkpoint, is refused unless ``overwrite``, which then starts afresh.
     - ``resume=never``: a fresh run; refused if ``run_dir`` already holds a run, unless ``overwrite``.
-    - ``resume=PATH``: that checkpoint directory (``.../checkpoints/step-N``).
+    - ``resume=PATH``: that checkpoint directory (``.../checkpoints/step-N``), while ``run_dir`` has no
+      checkpoint of its own that went on from it: a rerun of the same command (a requeued warm start)
+      continues from its own latest checkpoint instead of rolling back to PATH every time.
 
     Raises:
         ConfigError: naming the directory and what it holds.
@@ -36,6 +38,11 @@ def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[P
         path = Path(resume)
         if not (path / "trainer_state.json").exists():
             raise ConfigError(f"train.resume={resume}: not a complete sftdist checkpoint (no trainer_state.json)")
+        own = latest_checkpoint(run_dir)
+        if own is not None and saved_state(own).get("resumed_from") == str(path.resolve()):
+            log(f"train.resume={resume}: this run directory already went on from it to {own.name}; resuming "
+                f"from {own} (the same command continues; to start from {path.name} again, use a new output_dir)")
+            return own
         return path
     latest = latest_checkpoint(run_dir) if resume == "auto" else None
     if latest is not None and not (run_dir / "final").exists():
@@ -48,6 +55,16 @@ def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[P
     why = "a finished run" if (run_dir / "final").exists() else f"a run ({', '.join(found)})"
     raise ConfigError(f"output_dir={run_dir} already holds {why}; choose another output_dir, resume from a "
                       f"checkpoint with train.resume=PATH, or set train.overwrite=true to replace it")
+
+
+def resume_origin(resume: str, resume_from: Optional[Path]) -> Optional[str]:
+    """The ``train.resume=PATH`` this run's history starts from, recorded in its checkpoints: PATH itself
+    when the run starts from it, else what the checkpoint it resumes from recorded (None: its own history)."""
+    if resume_from is None:
+        return None
+    if resume not in ("auto", "never") and resume_from.resolve() == Path(resume).resolve():
+        return str(resume_from.resolve())
+    return saved_state(resume_from).get("resumed_from")
 
 
 def check_writable(run_dir: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sftdist.config import ConfigError
 from sftdist.data.build import TrainData, make_batch, mix_report
 from sftdist.data.loader import SampleSchedule
 from sftdist.engine.distributed import all_reduce_sum, device, log, rank, world_size
@@ -25,6 +26,33 @@ def check_same_run(checkpoint: Path, now: dict, *, allow: bool) -> None:
         return
     for change in check_unchanged(saved, now, checkpoint=str(checkpoint), allow=allow):
         log(f"warning: resuming despite a change (train.resume_allow_changes=true): {change}")
+
+
+# ZeRO stages whose checkpoints load into each other: DeepSpeed's optimizer state is stage-specific, except
+# that stages 1 and 2 write the same partitioned format.
+SAME_CHECKPOINT_FORMAT = ({0}, {1, 2}, {3})
+
+
+def check_zero_stage(checkpoint: Path, zero_stage: int) -> None:
+    """Stop (ConfigError), before any work, when the checkpoint was written under a ZeRO stage whose format
+    ``zero_stage`` cannot load (DeepSpeed's loader fails with a bare assertion, after the model is built).
+
+    Example:
+        >>> import json, tempfile
+        >>> ckpt = Path(tempfile.mkdtemp())
+        >>> _ = (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "zero_stage": 2}))
+        >>> check_zero_stage(ckpt, 1)
+        >>> check_zero_stage(ckpt, 3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sftdist.config.checks.ConfigError: parallelism.zero_stage: 2 -> 3: ...
+    """
+    saved = saved_state(checkpoint).get("zero_stage")
+    if saved is None or any({saved, zero_stage} <= same for same in SAME_CHECKPOINT_FORMAT):
+        return
+    raise ConfigError(f"parallelism.zero_stage: {saved} -> {zero_stage}: {checkpoint} was written under ZeRO-"
+                      f"{saved}, whose checkpoint another stage cannot load; resume with "
+                      f"parallelism.zero_stage={saved} (stages 1 and 2 load each other's), or start a new run")
 
 
 def log_data_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:

@@ -109,19 +109,36 @@ class StopRule:
     def from_config(cls, t: TrainConfig, started: float) -> "StopRule":
         return cls(t.stop_at_step, t.stop_after_steps, t.stop_after_minutes, started)
 
-    def reason(self, *, step: int, steps_run: int, step_seconds: float, save_seconds: float,
-               now: Optional[float] = None) -> Optional[str]:
+    def out_of_time(self, *, step_seconds: float, save_seconds: float, now: Optional[float] = None) -> bool:
+        """This rank's view of the time budget: one more step and one more checkpoint save, as long as they
+        have taken so far, would run past ``train.stop_after_minutes``. Ranks started seconds apart see it
+        at different steps, so the loop agrees on it through the step's all-reduce (any rank out of time
+        stops them all) before anyone acts on it.
+
+        Example:
+            >>> rule = StopRule(minutes=10, started=0.0)
+            >>> rule.out_of_time(step_seconds=60, save_seconds=30, now=400), rule.out_of_time(step_seconds=60,
+            ...                                                                         save_seconds=30, now=520)
+            (False, True)
+        """
+        if self.minutes is None:
+            return False
+        now = time.time() if now is None else now
+        return (now - self.started + step_seconds + save_seconds) / 60 > self.minutes
+
+    def reason(self, *, step: int, steps_run: int, out_of_time: bool = False, step_seconds: float = 0.0,
+               save_seconds: float = 0.0, now: Optional[float] = None) -> Optional[str]:
         """Why to stop after optimizer step ``step`` (the ``steps_run``-th of this process), or None.
 
-        The time budget stops early enough for one more step and one more checkpoint save, as long as
-        they have taken so far (``step_seconds``, ``save_seconds``); at least one step always runs.
+        ``out_of_time``: some rank's ``out_of_time()`` said so in this step (agreed by all ranks); the
+        message gives this rank's numbers. At least one step always runs.
 
         Example:
             >>> rule = StopRule(after_steps=2, minutes=10, started=0.0)
-            >>> rule.reason(step=5, steps_run=1, step_seconds=60, save_seconds=30, now=400)
-            >>> rule.reason(step=6, steps_run=1, step_seconds=60, save_seconds=30, now=520)
+            >>> rule.reason(step=5, steps_run=1)
+            >>> rule.reason(step=6, steps_run=1, out_of_time=True, step_seconds=60, save_seconds=30, now=520)
             'train.stop_after_minutes=10: 8.7 of 10 minutes used, the next step and save need 1.5 more'
-            >>> rule.reason(step=6, steps_run=2, step_seconds=60, save_seconds=30, now=400)
+            >>> rule.reason(step=6, steps_run=2)
             'train.stop_after_steps=2'
         """
         now = time.time() if now is None else now
@@ -129,9 +146,8 @@ class StopRule:
             return f"train.stop_at_step={self.at_step}"
         if self.after_steps is not None and steps_run >= self.after_steps:
             return f"train.stop_after_steps={self.after_steps}"
-        if self.minutes is not None:
+        if out_of_time and self.minutes is not None:
             used, need = (now - self.started) / 60, (step_seconds + save_seconds) / 60
-            if used + need > self.minutes:
-                return (f"train.stop_after_minutes={self.minutes:g}: {used:.1f} of {self.minutes:g} minutes used, "
-                        f"the next step and save need {need:.1f} more")
+            return (f"train.stop_after_minutes={self.minutes:g}: {used:.1f} of {self.minutes:g} minutes used, "
+                    f"the next step and save need {need:.1f} more")
         return None

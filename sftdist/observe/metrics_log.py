@@ -54,9 +54,11 @@ class MetricsLogger:
         cfg: The logging config group.
         run_name: W&B run name.
         config: The resolved run config, stored with the W&B run (secrets redacted, see ``redact``).
+        wandb_id: The W&B run to continue (a resumed run's, recorded in its checkpoint), else a new one.
     """
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict[str, Any]):
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_name: str, config: dict[str, Any],
+                 wandb_id: Optional[str] = None):
         self.enabled = is_main()
         self._file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
         self._samples_file = None
@@ -70,9 +72,15 @@ class MetricsLogger:
             directory.mkdir(parents=True, exist_ok=True)
             # Everything W&B stores from the config is scrubbed of secrets (a value may be ${oc.env:HF_TOKEN}).
             group, tags = redact([cfg.wandb_group, list(cfg.wandb_tags)])
+            # A resumed or requeued run continues its W&B run (the id is kept in every checkpoint).
             self._wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=group, tags=tags,
                                      name=redact_text(run_name), mode=cfg.wandb_mode, dir=str(directory),
-                                     config=redact(config))
+                                     config=redact(config), id=wandb_id, resume="allow" if wandb_id else None)
+
+    @property
+    def wandb_id(self) -> Optional[str]:
+        """The W&B run's id (rank 0, W&B on), for the checkpoints to keep."""
+        return self._wandb.id if self._wandb is not None else None
 
     def write(self, metrics: dict[str, Any]) -> None:
         """Record one optimizer step's metrics (must contain ``step``)."""
@@ -101,9 +109,11 @@ class MetricsLogger:
             self._wandb.log({"samples": table}, step=rows[0]["step"])
 
     def close(self) -> None:
+        """Close the files and finish the W&B run; a second call does nothing."""
         if self._file:
             self._file.close()
         if self._samples_file:
             self._samples_file.close()
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None

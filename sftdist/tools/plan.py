@@ -53,7 +53,8 @@ def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
     rows["activations, checkpointed"] = (activation_bytes(shape, checkpointing=True, **kw), 0.0)
     rows["logits + loss"] = (logits_bytes(shape, micro_batch=micro_batch, seq=t.max_length,
                                           precision=setup.precision, lm_head=t.lm_head,
-                                          chunk_tokens=t.loss_chunk_tokens), 0.0)
+                                          chunk_tokens=t.loss_chunk_tokens,
+                                          partitioned_head=setup.zero_stage == 3), 0.0)
     # bf16 ZeRO-1 with fp32 accumulation runs DeepSpeed's BF16_Optimizer, which has no reduction bucket
     bf16_optimizer = (p.zero_stage == 1 and setup.precision == "bf16" and setup.grad_accum_fp32
                       and not setup.offload_optimizer)
@@ -75,10 +76,10 @@ def data_summary(cfg: SFTConfig) -> dict:
     Returns:
         Counts per epoch and for the run (``train.max_steps``, or ``train.epochs`` of the schedule).
     """
-    from sftdist.data.build import mix_report
-    from sftdist.tools.data_cli import load_data
+    from sftdist.data.build import build_for_run, mix_report
+    from sftdist.engine.model import load_tokenizer
 
-    _, data, schedule, _ = load_data(cfg)
+    data, schedule, _ = build_for_run(cfg, load_tokenizer(cfg.model))
     report = mix_report(data, schedule)
     t = cfg.train
     steps_per_epoch = schedule.epoch_len / t.global_batch_size

@@ -120,6 +120,10 @@ def test_survivor_exits_when_its_peer_is_lost(tmp_path, how):
         # under load against a bound of TIMEOUT_S - 2), so its bound is loose.
         assert f"no answer from a peer rank for {TIMEOUT_S} s" in out
         assert seconds >= TIMEOUT_S / 2, "ended long before the timeout: not by it"
+        # The silent rank is named, with its host and last step, and the survivor's stack is in the run dir.
+        assert re.search(r"rank 1 \(host [^,]+, last finished step \d+\) stopped answering", out), out[-3000:]
+        stack = (run_dir / "stacks" / "rank-0.txt").read_text()
+        assert "Thread" in stack and "File " in stack and f"its stack: {run_dir / 'stacks' / 'rank-0.txt'}" in out
     else:
         assert "a peer rank is gone" in out
 
@@ -177,3 +181,13 @@ def test_failure_after_training_fails_the_job(tmp_path):
     assert "No space left on device (injected by test_dead_rank)" in out
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: 1 ", out), out[-3000:]
     assert "step 3/3" in out  # it failed after training, as meant
+
+
+def test_a_final_write_longer_than_the_collective_timeout_finishes(tmp_path):
+    """Rank 0 writes final/ for longer than parallelism.collective_timeout_s while rank 1 waits: the wait is
+    on the day-long group, so the finished run does not fail at the end (#25)."""
+    run_dir = tmp_path / "run"
+    proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tests.dist.slow_export", *FAST, "parallelism.collective_timeout_s=8",
+                    f"output_dir={run_dir}"], env={"SFTDIST_TEST_EXPORT_SLEEP_S": "14"}, timeout=300)
+    assert "final model:" in proc.stdout and (run_dir / "final" / "model.safetensors").exists()

@@ -18,10 +18,10 @@ STEPS = [*FAST, "train.max_steps=24", "train.lr=1e-2", "launch=slurm", "launch.g
          "launch.time=00:15:00"]
 
 
-def launch(cluster, args, *, wait=True, env=None):
-    cmd = [cluster.python, "-m", "sftdist.cluster.launch", *(["--wait"] if wait else []), *args]
+def launch(cluster, args, *, wait=True, env=None, timeout=900, extra=()):
+    cmd = [cluster.python, "-m", "sftdist.cluster.launch", *(["--wait"] if wait else []), *extra, *args]
     return subprocess.run(cmd, cwd=REPO, env={**cluster.env, **(env or {})}, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=timeout)
 
 
 def job_log(run_dir, prefix="slurm-"):
@@ -79,9 +79,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, t
 
 
 def test_prepare_first_runs_the_data_stage_as_its_own_job(slurm_cluster, tmp_path):
-    run_dir = tmp_path / "prepared"
+    """Also: a run directory with a space, a `%` and `=`/`,` reaches every job intact (#SBATCH --output is
+    quoted with `%` literal; output_dir is Hydra-quoted for the ranks), and the logs land in it."""
+    run_dir = tmp_path / "50% of lr=1e-5,bs=8 run"
     proc = launch(slurm_cluster, [*STEPS, "train.max_steps=2", "launch.nproc_per_node=2",
-                                  "launch.prepare_first=true", f"output_dir={run_dir}"],
+                                  "launch.prepare_first=true", f"output_dir='{run_dir}'"],
                   env={"SFTDIST_CACHE": str(tmp_path / "cache")})  # nothing tokenised yet
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{job_log(run_dir)}"
     assert "submitted data preparation job" in proc.stdout
@@ -91,13 +93,46 @@ def test_prepare_first_runs_the_data_stage_as_its_own_job(slurm_cluster, tmp_pat
     assert "tokenising" not in train_log and (run_dir / "final").exists()
 
 
+def test_scripts_with_hostile_values_are_accepted_by_sbatch(slurm_cluster, tmp_path):
+    """The scripts that tests/unit/test_security.py runs with bash (hostile run_name, paths with spaces,
+    quotes and `$(...)`) are also valid for sbatch itself (`sbatch --test-only`, nothing runs): an unquoted
+    `#SBATCH --output` with a space made sbatch reject them (#15, #21)."""
+    from tests.unit.test_security import hostile_overrides
+
+    overrides, run_dir = hostile_overrides(tmp_path)
+    proc = launch(slurm_cluster, ["launch=slurm", "launch.prepare_first=true", "launch.gpus_per_node=0",
+                                  *overrides, f"launch.partition={slurm_cluster.partition}"],  # a real one
+                  wait=False, extra=["--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.glob("pwned*"))
+    for script in ("job.sbatch", "prepare.sbatch"):
+        test = slurm_cluster.run("sbatch", "--test-only", run_dir / script, check=False, cwd=tmp_path)
+        assert test.returncode == 0 and "to start at" in test.stderr, f"{script}: {test.stderr}"
+
+
+def test_a_failed_data_job_ends_the_wait_and_the_training_job(slurm_cluster, tmp_path):
+    """The training job waits on the data job (afterok): when that fails, SLURM cancels the training job
+    (--kill-on-invalid-dep) and `--wait` returns non-zero instead of waiting forever."""
+    run_dir = tmp_path / "no-data"
+    proc = launch(slurm_cluster, [*STEPS, "launch.prepare_first=true", f"data.sources.0.path={tmp_path / 'none'}",
+                                  f"output_dir={run_dir}"], timeout=180)
+    assert proc.returncode != 0, proc.stdout
+    assert "the data preparation job failed" in proc.stderr
+    assert f"{tmp_path / 'none'}" in job_log(run_dir, "slurm-prepare-")  # the data job said why
+    train_job = re.search(r"submitted training job (\d+)", proc.stdout).group(1)
+    assert slurm_cluster.state(int(train_job)) == "CANCELLED"
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 def test_lr_sweep_through_submitit_and_its_report(slurm_cluster, tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [slurm_cluster.python, "-m", "sftdist.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
          *FAST, "train.max_steps=4", "train.eval_every=2", "launch.nproc_per_node=2", "launch.time=00:10:00",
-         "train.lr=1e-3,1e-2,3e-2"], cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=900)
+         f"launch.setup=['touch {tmp_path}/setup-ran']", "train.lr=1e-3,1e-2,3e-2"], cwd=REPO,
+        env=slurm_cluster.env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert (tmp_path / "setup-ran").exists()  # launch.setup reached the points' jobs (#12)
     points = sorted(p.name for p in sweep.iterdir() if (p / "final").exists())
     assert points == ["0", "1", "2"]
     for point in points:

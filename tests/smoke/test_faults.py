@@ -85,6 +85,14 @@ elif fault == "nan":  # the token losses of source `where` are NaN in the traini
             token_losses = torch.where(poisoned, token_losses * float("nan"), token_losses)
         return token_losses, mask
     forward.LossHead.losses = losses
+elif fault == "usr1_in_eval":  # SIGUSR1 arrives while the eval after step at_step runs
+    import sftdist.observe.evaluation as evaluation
+    real_run = evaluation.EvalPlan.run
+    def run(self, engine, data, head, *, step, metrics):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_run(self, engine, data, head, step=step, metrics=metrics)
+    evaluation.EvalPlan.run = run
 train.main()
 '''
 
@@ -275,6 +283,44 @@ def test_sigterm_exits_75_and_the_same_command_resumes(tmp_path, reference, npro
         assert got == reference("long")  # bit for bit
     else:  # resumed multi-rank DeepSpeed runs drift by ~1e-9 relative (see tests/slurm/test_training_jobs.py)
         assert got == pytest.approx(reference("long2"), rel=1e-4)
+
+
+def test_sigusr1_during_start_up_stops_before_the_first_step(tmp_path):
+    """SLURM's warning can come while the data stage or the model load still runs: it is kept, and the run
+    stops before its first step with the resumable status, instead of dying of the signal (#4)."""
+    run_dir, log_path = tmp_path / "run", tmp_path / "log.txt"
+    proc = start_cmd([sys.executable, "-m", "sftdist.train", *LONG_RUN, f"output_dir={run_dir}"], log_path,
+                     env={"SFTDIST_CACHE": str(tmp_path / "cache")})  # nothing cached: the data stage takes a while
+    deadline = time.time() + 300
+    while "tokenising" not in log_path.read_text():
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-4000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    proc.wait(timeout=300)
+    out = log_path.read_text()
+    assert proc.returncode == 75, out[-4000:]
+    assert "SIGUSR1 received during start-up: stopping before step 1" in out
+    assert "exit status 75: stopped by SIGUSR1, resumable" in out
+    assert not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir)
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_sigusr1_during_the_last_eval_checkpoints_and_the_rerun_writes_final(tmp_path):
+    """A stop signal after the loop (the last step's eval, before final/) is honoured: the last step is
+    checkpointed, the job exits 75 (or requeues), and the same command then only writes final/ (#23)."""
+    run_dir = tmp_path / "run"
+    proc = with_fault("usr1_in_eval", 4, [*KILL_RUN, f"output_dir={run_dir}"])
+    assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SIGUSR1 received after the last step: checkpoint saved" in proc.stdout
+    assert "exit status 75: stopped by SIGUSR1, resumable" in proc.stdout
+    assert latest_name(run_dir) == "step-4" and not (run_dir / "final").exists()
+    # The summary's tokens/s is the steps' own rate: a checkpoint after every step is not training time (#20).
+    rows = read_metrics(run_dir)
+    rate = float(re.search(r"([\d,]+) tokens/s", proc.stdout).group(1).replace(",", ""))
+    assert rate == pytest.approx(sum(r["tokens"] for r in rows) / sum(r["step_time_s"] for r in rows), rel=0.01)
+    rerun = train_single([*KILL_RUN, f"output_dir={run_dir}"])
+    assert "after step 4" in rerun.stdout and (run_dir / "final").exists()
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]  # nothing trained twice
 
 
 def test_nan_in_one_source_stops_before_saving(tmp_path):

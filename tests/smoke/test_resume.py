@@ -38,6 +38,12 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, case):
     first = train(nproc, [*SIX, *overrides, "train.stop_at_step=3", f"output_dir={parts}"])
     assert "stopped after step 3 of 6" in first.stdout and not (parts / "final").exists()
     assert (parts / "checkpoints" / "latest").read_text().strip() == "step-3"
+    if case == "zero2_full":  # another ZeRO stage cannot load it: one line, before any work, nothing rewritten (#5)
+        before = {f: (parts / f).read_text() for f in ("config.yaml", "metrics.jsonl")}
+        other = train(nproc, [*SIX, "parallelism=zero3", f"output_dir={parts}"], check=False)
+        assert other.returncode == 1 and "parallelism.zero_stage: 2 -> 3" in other.stderr, other.stderr
+        assert "Traceback" not in other.stderr and "tokenis" not in other.stdout
+        assert before == {f: (parts / f).read_text() for f in before}
     second = train(nproc, [*SIX, *overrides, f"output_dir={parts}"])  # same command: resume=auto
     assert "resumed from" in second.stdout and "after step 3" in second.stdout
     got, want = read_metrics(parts), read_metrics(whole)

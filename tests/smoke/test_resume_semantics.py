@@ -74,6 +74,21 @@ def test_rollback_retires_later_checkpoints(tmp_path, whole):
     assert [r["loss"] for r in read_metrics(run_dir)] == [r["loss"] for r in whole]
 
 
+def test_a_requeued_warm_start_goes_on_from_its_own_checkpoint(tmp_path, whole):
+    """output_dir=B train.resume=A/.../step-2 rerun as is (a requeued job): the second run continues from B's
+    own step 4, not from A's step 2 again, so reruns reach max_steps (#2)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_single([*SIX, "train.stop_at_step=2", f"output_dir={a}"])
+    command = [*SIX, f"train.resume={a}/checkpoints/step-2", "train.stop_after_steps=2", f"output_dir={b}"]
+    first = train_single(command)
+    assert f"resumed from {a}/checkpoints/step-2 after step 2" in first.stdout and latest(b) == "step-4"
+    second = train_single(command)
+    assert "this run directory already went on from it to step-4" in second.stdout
+    assert "after step 4" in second.stdout and (b / "final").exists()
+    assert not list((b / "checkpoints").glob("abandoned-*"))
+    assert [r["loss"] for r in read_metrics(b)][-4:] == [r["loss"] for r in whole][2:]
+
+
 def test_overwrite_resumes_a_resumable_run(tmp_path, whole):
     run_dir = tmp_path / "run"
     train_single([*SIX, "train.stop_at_step=3", "train.overwrite=true", f"output_dir={run_dir}"])
@@ -105,7 +120,7 @@ def test_resume_refuses_a_changed_run_by_name(tmp_path):
         (["train.global_batch_size=16"], "train.global_batch_size: 8 -> 16"),
         (["train.seed=7"], "train.seed: 42 -> 7"),
         (["train.max_length=128"], "train.max_length: 96 -> 128"),
-        (["data.sources.0.max_samples=48"], "data.sources[demo_chat].processing"),
+        (["data.sources.0.max_samples=48"], "data.sources[demo_chat].max_samples: 64 -> 48"),  # by name (#19)
         *([([f"model.tokenizer={SHARED}/tokenizers/gpt2"], "tokenizer: ")] if SHARED.is_dir() else []),
     ]:
         proc = train_single([*SIX, *change, f"output_dir={run_dir}"], check=False)
@@ -113,6 +128,10 @@ def test_resume_refuses_a_changed_run_by_name(tmp_path):
         assert named in proc.stderr
         assert "train.resume_allow_changes=true" in proc.stderr
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]  # nothing trained, nothing lost
+    # A metrics-only flag (which eval curve is the forgetting curve) and a default written out are no change.
+    proc = train_single([*SIX, "data.sources.1.generic=false", "data.sources.0.columns={}", "train.stop_at_step=3",
+                         f"output_dir={run_dir}"])
+    assert "after step 2" in proc.stdout and [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
     proc = train_single([*SIX, "train.global_batch_size=16", "train.resume_allow_changes=true",
                          f"output_dir={run_dir}"])
     assert "resuming despite a change (train.resume_allow_changes=true): train.global_batch_size: 8 -> 16" in proc.stdout

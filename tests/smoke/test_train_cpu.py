@@ -106,7 +106,8 @@ def test_launch_deepspeed_launcher_zero3(tmp_path):
 def test_launch_dry_run_pins_one_run_dir():
     proc = run_cmd([sys.executable, "-m", "sftdist.cluster.launch", "--dry-run", "train.lr=1e-4"])
     argv = proc.stdout.strip().split()
-    assert argv[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert argv[0] == "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600"  # torchrun's grace after a SIGTERM (launch.shutdown_timeout_s)
+    assert argv[2:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert argv[-2] == "train.lr=1e-4" and argv[-1].startswith("output_dir=/")
 
 
@@ -143,10 +144,14 @@ def test_demo_training_loss_falls(tmp_path):
 
 
 def test_wandb_offline_logs_every_metric_into_the_run_dir(tmp_path):
+    """Also: the resumed run continues the same W&B run (its id is kept in the checkpoint), instead of
+    starting a new one at every resume or requeue (#18)."""
     run_dir = tmp_path / "wb"
+    train_single([*FAST, "logging=wandb_offline", "train.stop_at_step=1", f"output_dir={run_dir}"])
     train_single([*FAST, "logging=wandb_offline", f"output_dir={run_dir}"])
-    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    data = run_file.read_bytes()
+    run_files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2 and len({f.stem for f in run_files}) == 1, run_files  # run-<id>: one id
+    data = b"".join(f.read_bytes() for f in run_files)
     for key in METRIC_KEYS - {"step"}:
         assert data.count(f"train/{key}".encode()) >= 3, key  # one record per step
     assert len(read_metrics(run_dir)) == 3
@@ -178,7 +183,7 @@ def test_packed_run_and_per_source_metrics(tmp_path):
 def test_prepare_then_train_reuses_the_cache(tmp_path):
     cache = tmp_path / "cache"
     args = [*FAST, f"data.cache_dir={cache}"]
-    proc = run_cmd([sys.executable, "-c", "from sftdist.tools.data_cli import prepare_main; prepare_main()", *args])
+    proc = run_cmd([sys.executable, "-m", "sftdist", "data", "prepare", *args])
     assert "demo_chat:" in proc.stdout and "masks audited" in proc.stdout
     entries = sorted(p for p in cache.iterdir())
     assert [p.name.split("-")[0] for p in entries] == ["demo_chat", "demo_generic"]

@@ -215,3 +215,18 @@ def test_the_tokenizer_is_never_hashed_for_a_datasets_fingerprint(tmp_path, demo
     prepare_all(data_cfg(tmp_path, DataSource(name="a", path=path), num_proc=1), demo_tokenizer, max_length=64,
                 seed=0)
     assert hashed == []
+
+
+def test_tokenisation_workers_follow_the_cpus_this_process_may_use():
+    """A SLURM job given 2 CPUs of a 64-core node starts 2 workers, not 8 (#27): the affinity mask counts."""
+    import os
+
+    from sftdist.data.prepare import default_num_proc
+
+    cpus = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        assert default_num_proc(DataConfig()) == 1
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert default_num_proc(DataConfig(num_proc=3)) == 3

@@ -66,6 +66,22 @@ def test_latest_without_a_pointer_is_the_newest_complete_step(tmp_path):
     assert latest_checkpoint(tmp_path) is None
 
 
+def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete_one(tmp_path):
+    """`latest` names a step deleted by hand: the older complete checkpoints still count, so neither a resume
+    nor train.overwrite=true (which deletes a run that cannot resume) loses them (#17)."""
+    from sftdist.lifecycle.rundir import resolve_resume
+
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, "step-2", 2)
+    fake_checkpoint(root, "step-4", 4)
+    (root / "latest").write_text("step-6\n")
+    assert latest_checkpoint(tmp_path) == root / "step-4"
+    (root / "step-6").mkdir()  # there, but incomplete
+    assert latest_checkpoint(tmp_path) == root / "step-4"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 6}\n')
+    assert resolve_resume(tmp_path, resume="auto", overwrite=True) == root / "step-4"
+
+
 def test_publish_never_removes_what_latest_names(tmp_path):
     root = tmp_path / "checkpoints"
     fake_checkpoint(root, "step-2", 2)

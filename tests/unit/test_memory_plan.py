@@ -232,3 +232,21 @@ def test_cli_reads_a_presets_config_from_the_hub_cache(tmp_path):
     assert model["params"] > model["trainable"] > 0 and model["vocab"] == 151936
     proc = _plan_process("--no-data", "model=qwen2_5_0_5b", env={"HF_HUB_CACHE": str(tmp_path / "empty")})
     assert "its config.json is not in the local Hugging Face cache" in proc.stderr.splitlines()[-1]
+
+
+def test_zero3_logits_are_one_chunk_as_in_training():
+    """Under ZeRO-3 training computes a micro-batch's supervised logits in one chunk (the head's weight is
+    partitioned: engine/forward.py); the planner assumed loss_chunk_tokens chunks there and overstated the
+    largest micro-batch that fits, 43 against 16 for a 7B model (#10)."""
+    from sftdist.config import compose_config
+    from sftdist.engine.memory_plan import Setup
+    from sftdist.tools.plan import memory_rows
+
+    shape = ModelShape(params=10**9, trainable=10**9, quantized=0, largest_module=10**7, layers=8, hidden=1024,
+                       heads=8, vocab=152_000)
+    cfg = compose_config(["train.max_length=4096", "train.loss_chunk_tokens=1024"])
+    logits = {stage: memory_rows(shape, Setup(zero_stage=stage, world=8, precision="bf16"), cfg,
+                                 micro_batch=4)["logits + loss"][0] for stage in (2, 3)}
+    tokens = 4 * 4096
+    assert logits[2] == 1024 * 152_000 * 4 + tokens * 1024 * 2  # one chunk of 1024 rows of fp32 logits
+    assert logits[3] == tokens * 152_000 * 4 + tokens * 1024 * 2  # every row at once

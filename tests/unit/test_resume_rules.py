@@ -30,8 +30,11 @@ def test_stop_rules():
     assert StopRule(at_step=3).reason(step=3, steps_run=1, step_seconds=1, save_seconds=0) == "train.stop_at_step=3"
     assert StopRule(at_step=3).reason(step=2, steps_run=2, step_seconds=1, save_seconds=0) is None
     minutes = StopRule(minutes=1.0, started=0.0)
-    assert minutes.reason(step=1, steps_run=1, step_seconds=10, save_seconds=5, now=40) is None  # 40+15 <= 60
-    assert minutes.reason(step=1, steps_run=1, step_seconds=10, save_seconds=5, now=50).startswith(
+    assert not minutes.out_of_time(step_seconds=10, save_seconds=5, now=40)  # 40+15 <= 60
+    assert minutes.out_of_time(step_seconds=10, save_seconds=5, now=50)
+    # Only the ranks' agreed flag stops a run: a rank's own clock alone never does (#1).
+    assert minutes.reason(step=1, steps_run=1, step_seconds=10, save_seconds=5, now=50) is None
+    assert minutes.reason(step=1, steps_run=1, out_of_time=True, step_seconds=10, save_seconds=5, now=50).startswith(
         "train.stop_after_minutes=1")
 
 

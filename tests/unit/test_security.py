@@ -290,7 +290,9 @@ def test_sbatch_scripts_keep_hostile_values_inert(tmp_path):
                    env=env, cwd=tmp_path)
     prepare_argv = (tmp_path / "prepare.argv").read_text().split("\0")[:-1]
     assert not list(tmp_path.glob("pwned*"))
-    pinned = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={run_dir}"]
+    from sftdist.cluster.launch import hydra_quoted
+
+    pinned = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={hydra_quoted(str(run_dir))}"]
     assert argv[-len(pinned):] == pinned and prepare_argv[-len(pinned):] == pinned
     assert f"cd {cwd}" not in (run_dir / "job.sbatch").read_text()  # quoted
 

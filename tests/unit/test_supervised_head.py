@@ -105,3 +105,21 @@ def test_check_catches_a_head_that_differs():
 def test_head_logits_are_fp32_for_a_bf16_model():
     model = tiny_model().to(torch.bfloat16)
     assert head_logits(model, torch.randn(5, 32, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_the_check_runs_on_one_row_prefix_not_the_whole_batch(monkeypatch):
+    """The model's own forward materialises [B, T, V] logits: the start-up check gives it one row cut after
+    the first supervised positions, not the micro-batch, and still catches a head that differs (#11)."""
+    import sftdist.engine.forward as forward
+
+    model = tiny_model()
+    batch = collate(samples(4), 0)
+    seen = []
+    real = forward.forward_logits
+    monkeypatch.setattr(forward, "forward_logits", lambda m, b: seen.append(tuple(b["input_ids"].shape)) or real(m, b))
+    assert check_supervised_head(model, batch) is None
+    (shape,) = seen
+    rows, width = batch["input_ids"].shape
+    assert shape[0] == 1 and shape[1] <= width and shape[0] * shape[1] < rows * width
+    model.config.logits_scaling = 8.0
+    assert "differ" in check_supervised_head(model, batch)
