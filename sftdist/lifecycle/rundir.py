@@ -30,6 +30,10 @@ def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[P
       checkpoint of its own that went on from it: a rerun of the same command (a requeued warm start)
       continues from its own latest checkpoint instead of rolling back to PATH every time.
 
+    A SLURM job that was requeued (``SLURM_RESTART_COUNT``) before its first checkpoint starts over, with its
+    earlier attempt's files moved into ``abandoned-attempt-N/``: with ``train.save_every=0`` a timed-out
+    sweep point would otherwise be refused on every requeue.
+
     Raises:
         ConfigError: naming the directory and what it holds.
     """
@@ -52,9 +56,30 @@ def resolve_resume(run_dir: Path, *, resume: str, overwrite: bool) -> Optional[P
         return latest
     if overwrite or not found:
         return None
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restarts and latest is None and not (run_dir / "final").exists():
+        # The same SLURM job, requeued (a time-out, a preemption) before its first checkpoint: it starts
+        # over; what its earlier attempt wrote is kept aside, never deleted.
+        aside = set_attempt_aside(run_dir)
+        log(f"this SLURM job was requeued (SLURM_RESTART_COUNT={restarts}) before its first checkpoint: "
+            f"starting over; the earlier attempt's files are in {aside}")
+        return None
     why = "a finished run" if (run_dir / "final").exists() else f"a run ({', '.join(found)})"
     raise ConfigError(f"output_dir={run_dir} already holds {why}; choose another output_dir, resume from a "
                       f"checkpoint with train.resume=PATH, or set train.overwrite=true to replace it")
+
+
+def set_attempt_aside(run_dir: Path) -> Path:
+    """Move an attempt's step logs and checkpoint leftovers into ``abandoned-attempt-N/``; return it."""
+    n = 1
+    while (run_dir / f"abandoned-attempt-{n}").exists():
+        n += 1
+    aside = run_dir / f"abandoned-attempt-{n}"
+    aside.mkdir()
+    for name in (*RUN_MARKERS, *STEP_LOGS):
+        if (run_dir / name).exists():
+            (run_dir / name).rename(aside / name)
+    return aside
 
 
 def resume_origin(resume: str, resume_from: Optional[Path]) -> Optional[str]:
