@@ -32,7 +32,7 @@ class LoopResult:
     last_loss: float
     tokens: int
     seconds: float
-    stop_signal: Optional[str] = None  # SIGUSR1 / SIGTERM when one stopped the run early
+    stop_signal: Optional[str] = None  # SIGUSR1 / SIGUSR2 (submitit) / SIGTERM when one stopped the run early
     early_stopped: Optional[str] = None  # why early stopping ended the run (then it is finished)
     step_seconds: float = 0.0  # of ``seconds``, the optimizer steps' own (no eval, no checkpoint saves)
 
@@ -158,9 +158,7 @@ def train_loop(parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResu
 def agreed_stop_signal() -> Optional[str]:
     """The stop signal any rank has got so far, the same on every rank (every rank calls this: one
     all-reduce). SIGTERM wins: a cancelled job is never requeued."""
-    signalled = stopping.received()
-    usr1, term = all_reduce_sum([float(signalled == "SIGUSR1"), float(signalled == "SIGTERM")])
-    return "SIGTERM" if term > 0 else "SIGUSR1" if usr1 > 0 else None
+    return stopping.agreed_signal(all_reduce_sum(stopping.signal_flags(stopping.received())))
 
 
 def optimizer_step(p: LoopParts, step: int,
@@ -196,11 +194,10 @@ def optimizer_step(p: LoopParts, step: int,
     # The same collective as the losses tells every rank whether any rank got a stop signal or ran out of
     # time (stopping.py): a decision that ends the loop is taken by all ranks together, or a rank that
     # stops alone leaves the others in the next step's collective.
-    signalled, late = stopping.received(), out_of_time(time.time() - step_start)
-    totals = all_reduce_sum([*sums.tolist(), float(late), float(signalled == "SIGUSR1"),
-                             float(signalled == "SIGTERM")])
-    got_term, got_usr1, any_late = totals.pop() > 0, totals.pop() > 0, totals.pop() > 0
-    stop_signal = "SIGTERM" if got_term else "SIGUSR1" if got_usr1 else None  # a cancel is never requeued
+    flags = [float(out_of_time(time.time() - step_start)), *stopping.signal_flags(stopping.received())]
+    totals = all_reduce_sum([*sums.tolist(), *flags])
+    totals, any_late, signals = totals[:-len(flags)], totals[-len(flags)] > 0, totals[-len(flags) + 1:]
+    stop_signal = stopping.agreed_signal(signals)  # a cancel is never requeued
     grad_norm = grad_norm if stage0 else engine.get_global_grad_norm()
     row = {"step": step + 1, "loss": sum(totals[:num_sources]) / max(global_supervised, 1), "lr": lr,
            "grad_norm": float(grad_norm) if grad_norm is not None else None,

@@ -345,6 +345,11 @@ def _hydra_main(raw: DictConfig) -> None:
         print(f"sftdist: error: {e}", file=sys.stderr, flush=True)
         FAILED_POINTS.append(f"{HydraConfig.get().job.num} ({e})")
     several = distributed.world_size() > 1
+    if stopping.was_requeued() and stopping.in_submitit_job():
+        # No result for submitit: the requeued job writes it (a return here would end the sweep point).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if several or not sweep.in_multirun():
         # (The points of a local sweep run one after another in this process and share its one-process
         # group: DeepSpeed keeps references to it that a new group would not satisfy.)

@@ -30,11 +30,17 @@ from typing import Optional
 from sftdist.config import TrainConfig
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# A sweep point under hydra-submitit-launcher gets submitit's SIGUSR2 before its time limit: sftdist takes it
+# over (submitit's own handler would exit at once, mid-step, without a checkpoint) and requeues the job itself.
+SUBMITIT_SIGNAL = signal.SIGUSR2
+# The order in which ranks that got different signals settle on one: a cancel (SIGTERM) is never requeued.
+AGREED_ORDER = ("SIGTERM", "SIGUSR2", "SIGUSR1")
 RESUMABLE_EXIT = 75  # stopped early by a signal, with a checkpoint: rerun the same command to resume
 DUPLICATE_WINDOW_S = 2.0  # a repeat within this many seconds is the same request delivered twice
 _received: Optional[int] = None
 _received_at = 0.0
 _exit_code = 0
+_requeued = False
 
 
 def _handler(signum, frame) -> None:
@@ -50,11 +56,31 @@ def _handler(signum, frame) -> None:
 
 
 def install_stop_handlers() -> None:
-    """Catch the stop signals from now on (call once, in the main thread, before training)."""
-    global _received, _exit_code
-    _received, _exit_code = None, 0
-    for signum in STOP_SIGNALS:
+    """Catch the stop signals from now on (call once, in the main thread, before training); in a submitit
+    job also submitit's SIGUSR2."""
+    global _received, _exit_code, _requeued
+    _received, _exit_code, _requeued = None, 0, False
+    for signum in (*STOP_SIGNALS, *([SUBMITIT_SIGNAL] if in_submitit_job() else [])):
         signal.signal(signum, _handler)
+
+
+def in_submitit_job() -> bool:
+    return "SUBMITIT_FOLDER" in os.environ
+
+
+def signal_flags(signalled: Optional[str]) -> list[float]:
+    """This rank's stop signal as flags in ``AGREED_ORDER``, for an all-reduce (``agreed_signal``)."""
+    return [float(signalled == name) for name in AGREED_ORDER]
+
+
+def agreed_signal(summed: list[float]) -> Optional[str]:
+    """The signal every rank acts on, from the all-reduced ``signal_flags`` of all ranks.
+
+    Example:
+        >>> agreed_signal(signal_flags("SIGUSR1")), agreed_signal([0.0, 1.0, 1.0]), agreed_signal([0.0] * 3)
+        ('SIGUSR1', 'SIGUSR2', None)
+    """
+    return next((name for name, flag in zip(AGREED_ORDER, summed) if flag > 0), None)
 
 
 def received() -> Optional[str]:
@@ -63,13 +89,16 @@ def received() -> Optional[str]:
 
 
 def requeue_after(signal_name: str) -> tuple[bool, Optional[str]]:
-    """Requeue this SLURM job after a SIGUSR1 stop (call on one rank).
+    """Requeue this SLURM job after a SIGUSR1 stop, or a submitit job after its SIGUSR2 (call on one rank).
 
     Returns:
         Whether the job was requeued, and what was done (None when nothing was tried).
     """
     job = os.environ.get("SLURM_JOB_ID")
-    if signal_name != "SIGUSR1" or not job or os.environ.get("SFTDIST_REQUEUE") != "1":
+    # sftdist launch's jobs ask for it (SFTDIST_REQUEUE=1); a submitit job's SIGUSR2 means the same
+    asked = (signal_name == "SIGUSR1" and os.environ.get("SFTDIST_REQUEUE") == "1") or \
+        (signal_name == "SIGUSR2" and in_submitit_job())
+    if not job or not asked:
         return False, None
     proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -79,9 +108,14 @@ def requeue_after(signal_name: str) -> tuple[bool, Optional[str]]:
 
 def record_stop(*, requeued: bool) -> int:
     """Note that a stop signal ended the run after its checkpoint; return the exit status that means."""
-    global _exit_code
-    _exit_code = 0 if requeued else RESUMABLE_EXIT
+    global _exit_code, _requeued
+    _exit_code, _requeued = (0 if requeued else RESUMABLE_EXIT), requeued
     return _exit_code
+
+
+def was_requeued() -> bool:
+    """This process requeued its SLURM job after a stop signal (``record_stop``)."""
+    return _requeued
 
 
 def exit_code() -> int:

@@ -118,6 +118,29 @@ def test_stop_signal_exit_status(monkeypatch):
         preemption._exit_code = 0
 
 
+def test_a_submitit_job_takes_over_sigusr2(monkeypatch):
+    """In a submitit sweep point sftdist catches submitit's SIGUSR2 itself (submitit's handler would exit
+    mid-step) and asks for a requeue after it; outside submitit SIGUSR2 stays as it was."""
+    monkeypatch.delenv("SUBMITIT_FOLDER", raising=False)
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        preemption.install_stop_handlers()
+        assert signal.getsignal(signal.SIGUSR2) is before
+        monkeypatch.setenv("SUBMITIT_FOLDER", "/tmp/sweep/.submitit/%j")
+        preemption.install_stop_handlers()
+        assert signal.getsignal(signal.SIGUSR2) is preemption._handler
+        preemption._handler(signal.SIGUSR2, None)
+        assert preemption.received() == "SIGUSR2"
+        summed = [a + b for a, b in zip(preemption.signal_flags("SIGUSR2"), preemption.signal_flags(None))]
+        assert preemption.agreed_signal(summed) == "SIGUSR2"  # one rank got it: all act on it
+    finally:
+        for signum in (*preemption.STOP_SIGNALS, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR2, before)
+        preemption._received = None
+        preemption._exit_code = 0
+
+
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_config_keys(mode):
     from sftdist.config import ConfigError, TrainConfig
