@@ -46,6 +46,12 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 
 
+# Test modules by wall time in a clean-clone `make test`, longest first (see tests/README.md).
+LONGEST_MODULES = ("smoke/test_extension_dirs.py", "dist/test_dead_rank.py", "smoke/test_faults.py",
+                   "smoke/test_resume.py", "smoke/test_train_cpu.py", "dist/test_resume_world_sizes.py",
+                   "dist/test_loss_equivalence.py", "smoke/test_resume_semantics.py", "dist/test_stop_signals.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Skip GPU tests without a GPU. For ``pytest -n N --dist loadgroup`` (``make test``), each test module
@@ -57,6 +63,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         group = "slurm" if slurm in Path(str(item.path)).parents else str(Path(str(item.path)).relative_to(REPO))
         item.add_marker(pytest.mark.xdist_group(group))
+    # xdist hands out modules in collection order: the longest go first, so that no worker starts one of
+    # them while the other has nothing left to do (longest-processing-time-first).
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(str(Path(str(item.path)).relative_to(REPO / "tests")), len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -12,7 +12,7 @@ PY=${PY:-.venv/bin/python}
 BUDGET_S=900  # the whole suite on a 2-core CPU machine (CI's kind): 15 minutes
 start=$(date +%s)
 
-"$PY" -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup -m "not gpu and not slow and not slurm" "$@"
+"$PY" -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder -m "not gpu and not slow and not slurm" "$@"
 first=$?
 "$PY" -m pytest -m "slurm and not gpu and not slow" "$@"
 second=$?

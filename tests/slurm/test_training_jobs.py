@@ -2,7 +2,6 @@
 two emulated nodes), a job preempted by SIGUSR1 that checkpoints, requeues itself and resumes exactly, the
 data stage as its own job, and a learning-rate sweep through the submitit launcher with its report."""
 
-import json
 import re
 import subprocess
 import time
@@ -125,51 +124,43 @@ def test_a_failed_data_job_ends_the_wait_and_the_training_job(slurm_cluster, tmp
 
 
 def test_lr_sweep_through_submitit_and_its_report(slurm_cluster, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [slurm_cluster.python, "-m", "sftdist.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
-         *FAST, "train.max_steps=4", "train.eval_every=2", "launch.nproc_per_node=2", "launch.time=00:10:00",
-         f"launch.setup=['touch {tmp_path}/setup-ran']", "train.lr=1e-3,3e-2"], cwd=REPO,
-        env=slurm_cluster.env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert (tmp_path / "setup-ran").exists()  # launch.setup reached the points' jobs (#12)
+    """A 2-point LR sweep of 2-rank points through the submitit launcher, and its report. Point 0 also gets
+    submitit's SIGUSR2 mid-run, as before a time limit: sftdist finishes the step, checkpoints and requeues
+    the job itself (submitit's own handler would exit at once, mid-step, losing the steps since the last
+    periodic checkpoint), and the requeued point resumes and finishes (#14). launch.setup reaches the jobs
+    (#12)."""
+    sweep, log = tmp_path / "sweep", tmp_path / "sweep.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [slurm_cluster.python, "-m", "sftdist.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
+             *FAST, "train.max_steps=16", "train.eval_every=8", "launch.nproc_per_node=2", "launch.time=00:10:00",
+             f"launch.setup=['touch {tmp_path}/setup-ran']", "train.lr=1e-3,3e-2"],
+            cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        first, deadline = sweep / "0", time.time() + 300
+        while not ((first / "metrics.jsonl").exists() and len(read_metrics(first)) >= 2):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        (job,) = [j for j in slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split() if j.endswith("_0")]
+        slurm_cluster.run("scancel", "--signal=USR2", job)  # what submitit asks SLURM for before the limit
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert (tmp_path / "setup-ran").exists()
+    point_log = "".join(p.read_text(errors="replace") for p in sweep.glob(".submitit/*_0/*.out"))
+    assert "received SIGUSR2" in point_log and "requeued SLURM job" in point_log and "resumed from" in point_log
+    stopped = int(re.search(r"stopped after step (\d+) of 16", point_log).group(1))
+    assert 2 <= stopped < 16
     points = sorted(p.name for p in sweep.iterdir() if (p / "final").exists())
     assert points == ["0", "1"]
     for point in points:
         config = (sweep / point / "config.yaml").read_text()
         assert f"wandb_group: {sweep.name}" in config and "run_name: " in config
-        assert {json.loads(line)["step"] for line in (sweep / point / "metrics.jsonl").open()} == {0, 1, 2, 3, 4}
-    report = subprocess.run([slurm_cluster.python, "-m", "sftdist.tools.sweep_report", str(sweep)], cwd=REPO,
+        assert [r["step"] for r in read_metrics(sweep / point, baseline=True) if "loss" in r] == list(range(1, 17))
+    report = subprocess.run([slurm_cluster.python, "-m", "sftdist", "sweep-report", str(sweep)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     finals = {p: read_metrics(sweep / p)[-1]["eval_loss"] for p in points}
     best = min(finals, key=finals.get)
     assert re.search(rf"best.*\b{best}\b", report.stdout, re.IGNORECASE), report.stdout
     assert (sweep / "sweep_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_submitit_signal_checkpoints_and_requeues_the_sweep_point(slurm_cluster, tmp_path):
-    """submitit's SIGUSR2 before a point's time limit: sftdist finishes the step, checkpoints and requeues
-    the job itself (submitit's own handler would exit at once, mid-step, losing the steps since the last
-    periodic checkpoint), and the requeued point resumes and finishes the sweep (#14)."""
-    sweep, log = tmp_path / "sweep", tmp_path / "sweep.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [slurm_cluster.python, "-m", "sftdist.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
-             *FAST, "train.max_steps=24", "train.lr=1e-2", "launch.nproc_per_node=2", "launch.time=00:10:00"],
-            cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        point, deadline = sweep / "0", time.time() + 300
-        while not ((point / "metrics.jsonl").exists() and len(read_metrics(point)) >= 2):
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        job = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split()[0]
-        slurm_cluster.run("scancel", "--signal=USR2", job)  # what submitit asks SLURM for before the limit
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-    point_log = "".join(p.read_text(errors="replace") for p in sweep.glob(".submitit/*/*.out"))
-    assert "received SIGUSR2" in point_log and "requeued SLURM job" in point_log and "resumed from" in point_log
-    stopped = int(re.search(r"stopped after step (\d+) of 24", point_log).group(1))
-    assert 2 <= stopped < 24 and (point / "final").exists()
-    assert [r["step"] for r in read_metrics(point)] == list(range(1, 25))
 
 
 def test_two_emulated_nodes_match_one_node(two_ranks_one_node, slurm_two_nodes, tmp_path):
