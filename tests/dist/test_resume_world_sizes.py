@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from sftdist.cluster.launch import free_port
-from tests.conftest import FAST, REPO, read_metrics, train_single, train_torchrun
+from tests.conftest import FAST, REPO, read_metrics, run_cmd, train_single, train_torchrun
 
 SIX = [*FAST, "train.max_steps=6", "train.lr=1e-2"]
 
@@ -30,7 +30,11 @@ def train(nproc, args, **kw):
 def test_resume_on_another_world_size(tmp_path, whole, stage, saved_on, resumed_on):
     run_dir = tmp_path / "run"
     train(saved_on, [*SIX, f"parallelism={stage}", "train.stop_at_step=3", f"output_dir={run_dir}"])
-    proc = train(resumed_on, [*SIX, f"parallelism={stage}", f"output_dir={run_dir}"])
+    if stage == "zero0":  # rank 1 sees no checkpoint (a stale shared-filesystem view): rank 0 decides (#26)
+        proc = run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "tests.dist.stale_view", *SIX, f"parallelism={stage}", f"output_dir={run_dir}"])
+    else:
+        proc = train(resumed_on, [*SIX, f"parallelism={stage}", f"output_dir={run_dir}"])
     assert "after step 3" in proc.stdout
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     if stage == "zero0":  # the whole optimizer state is in one file: nothing to convert

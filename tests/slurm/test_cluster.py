@@ -115,6 +115,9 @@ def test_failed_job_state(slurm_cluster, tmp_path):
     assert slurm_cluster.exit_code(job) == "3:0"
 
 
+# SLURM's own behaviour, which the preemption handling relies on (not sftdist's: tests/slurm/test_training_jobs.py
+# tests that): opt-in with `-m slow`, e.g. to check another SLURM version.
+@pytest.mark.slow
 def test_scontrol_requeue_reruns_the_job(slurm_cluster, tmp_path):
     """``scontrol requeue`` kills the running job and runs it again with SLURM_RESTART_COUNT=1 (unset on the
     first run). Without --open-mode=append the rerun truncates the output file."""
@@ -202,6 +205,9 @@ SCANCEL_FORMS = {
 }
 
 
+# SLURM's own behaviour, which the preemption handling relies on (not sftdist's: tests/slurm/test_training_jobs.py
+# tests that): opt-in with `-m slow`, e.g. to check another SLURM version.
+@pytest.mark.slow
 @pytest.mark.parametrize("form", list(SCANCEL_FORMS))
 def test_scancel_signal_delivery(slurm_cluster, tmp_path, form):
     extra, to_batch, to_ranks = SCANCEL_FORMS[form]
@@ -212,6 +218,9 @@ def test_scancel_signal_delivery(slurm_cluster, tmp_path, form):
     assert _received(tmp_path, "USR1") == (to_batch, to_ranks), form
 
 
+# SLURM's own behaviour, which the preemption handling relies on (not sftdist's: tests/slurm/test_training_jobs.py
+# tests that): opt-in with `-m slow`, e.g. to check another SLURM version.
+@pytest.mark.slow
 def test_sbatch_signal_option_delivery(slurm_cluster, tmp_path):
     """``--signal=USR1@S`` reaches every srun task (not the batch shell); ``--signal=B:USR1@S`` only the batch
     shell. slurmctld checks these every 30 s, so the signal comes 0-30 s after it is due (here 5 s after the
@@ -227,6 +236,9 @@ def test_sbatch_signal_option_delivery(slurm_cluster, tmp_path):
     assert _received(tmp_path / "batch", "USR1") == (True, [])
 
 
+# SLURM's own behaviour, which the preemption handling relies on (not sftdist's: tests/slurm/test_training_jobs.py
+# tests that): opt-in with `-m slow`, e.g. to check another SLURM version.
+@pytest.mark.slow
 def test_scancel_sends_sigterm_then_kills(slurm_cluster, tmp_path):
     """Plain ``scancel``: SIGTERM to the batch shell and every task; tasks that keep running get SIGKILL
     after KillWait (5 s on this cluster)."""
