@@ -47,7 +47,7 @@ def pytest_configure(config):
 
 
 # Test modules by wall time in a clean-clone `make test`, longest first (see tests/README.md).
-LONGEST_MODULES = ("smoke/test_extension_dirs.py", "dist/test_dead_rank.py", "smoke/test_faults.py",
+LONGEST_MODULES = ("dist/test_dead_rank.py", "smoke/test_faults.py", "smoke/test_extension_dirs.py",
                    "smoke/test_resume.py", "smoke/test_train_cpu.py", "dist/test_resume_world_sizes.py",
                    "dist/test_loss_equivalence.py", "smoke/test_resume_semantics.py", "dist/test_stop_signals.py")
 
