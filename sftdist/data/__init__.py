@@ -3,6 +3,7 @@
 - ``build``: the single entry point (``build_datasets``: config -> ``TrainData``; ``build_schedule``).
 - ``sources``: read one source's raw records (local files and folders, or the hub).
 - ``messages``: every supported format to validated conversations or plain text (``DataError``).
+- ``detect``: which known format a record looks like (the fix a missing-field error names; ``format: auto``).
 - ``template_shape``, ``reply_spans``: what a chat template puts around a reply, and where each reply is.
 - ``tokenize``: render with the tokenizer's own template and label exactly the trained tokens.
 - ``mask_rules``, ``audit``: the rules masks must obey, checked independently before any model loads.

@@ -4,17 +4,24 @@ cached and audited; then the mixed, optionally packed sample schedule."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from sftdist.config import DataConfig, SFTConfig
+from sftdist.config import DataConfig, DataSource, SFTConfig
 from sftdist.data.audit import audit_source, check_chat_template, template_warnings
 from sftdist.data.collate import collate as collate_rows
 from sftdist.data.collate import collate_packed
 from sftdist.data.loader import SampleSchedule, mix_counts
-from sftdist.data.messages import DataError
-from sftdist.data.prepare import prepare_source
+from sftdist.data.prepare import no_usable_record, prepare_source
+
+# An eval split below either floor measures noise, not the model. Records' mean losses differ by ~0.3-0.5 nats
+# on chat data, so the eval loss of n records is uncertain by about that / sqrt(n): ~0.1 nats at 20 records,
+# as large as what fine-tuning changes between two evals. 1,000 supervised tokens is the same floor for sets of
+# very short replies (identity sets: 20 replies of ~20 tokens say little about how the model answers).
+MIN_EVAL_RECORDS = 20
+MIN_EVAL_SUPERVISED_TOKENS = 1000
 
 
 @dataclass
@@ -42,8 +49,10 @@ class TrainData:
 
     @property
     def warnings(self) -> list[str]:
-        """The mask audit's warnings, each once however many sources share a template."""
-        return list(dict.fromkeys(w for s in self.sources for w in s.stats.get("mask_warnings", [])))
+        """The mask audit's warnings, each once however many sources share a template; then one line per
+        source whose eval split is too small to mean anything."""
+        masks = dict.fromkeys(w for s in self.sources for w in s.stats.get("mask_warnings", []))
+        return [*masks, *(s.stats["eval_warning"] for s in self.sources if s.stats.get("eval_warning"))]
 
     def get(self, source: int, record: int, split: str = "train") -> dict:
         """The example at ``(source, record)``, tagged with its source id."""
@@ -59,6 +68,44 @@ def make_batch(data: TrainData, sequences: list[list[tuple[int, int]]], pad_id: 
     """Collate sequences of ``(source, record)`` samples: one sample per row, or packed rows."""
     rows = [[data.get(s, i, split) for s, i in seq] for seq in sequences]
     return collate_packed(rows, pad_id) if packed else collate_rows([r[0] for r in rows], pad_id)
+
+
+def eval_size_warning(source: DataSource, key: str, stats: dict) -> str:
+    """A warning when the source's eval split has under ``MIN_EVAL_RECORDS`` records or under
+    ``MIN_EVAL_SUPERVISED_TOKENS`` supervised tokens, saying what to do; "" when it is large enough or absent.
+
+    Example:
+        >>> src = DataSource(name="identity", path="identity.json", format="alpaca", eval_fraction=0.02)
+        >>> stats = {"records": 89, "eval": {"records": 2, "kept": 2, "supervised_tokens": 48}}
+        >>> print(eval_size_warning(src, "data.sources.0", stats))
+        data source 'identity': its eval split has only 2 records and 48 supervised tokens, too few for its eval loss to mean anything (under 20 records or 1,000 supervised tokens): raise data.sources.0.eval_fraction (0.02 of 91 records; about 0.47 would hold ~42 records and ~1,008 supervised tokens), or set data.sources.0.eval_path to a held-out file
+
+    Args:
+        source: The source's config.
+        key: Its config path, e.g. ``data.sources.0``.
+        stats: Its ``stats.json`` (``records`` of the train split; ``eval``: ``records``, ``kept``,
+            ``supervised_tokens``).
+    """
+    ev = stats.get("eval")
+    if ev is None or (ev["kept"] >= MIN_EVAL_RECORDS and ev["supervised_tokens"] >= MIN_EVAL_SUPERVISED_TOKENS):
+        return ""
+    n = f"{ev['kept']} record{'s' * (ev['kept'] != 1)}"
+    what = (f"data source {source.name!r}: its eval split has only {n} and {ev['supervised_tokens']:,} "
+            f"supervised tokens, too few for its eval loss to mean anything (under {MIN_EVAL_RECORDS} records or "
+            f"{MIN_EVAL_SUPERVISED_TOKENS:,} supervised tokens)")
+    if source.eval_path:
+        return (f"{what}: add held-out records to {key}.eval_path={source.eval_path}, or hold out a share of the "
+                f"training file with {key}.eval_fraction instead")
+    total = stats["records"] + ev["records"]
+    per_record = ev["supervised_tokens"] / ev["kept"] if ev["kept"] else 0
+    need = max(MIN_EVAL_RECORDS, math.ceil(MIN_EVAL_SUPERVISED_TOKENS / per_record) if per_record else 0)
+    fraction = math.ceil(100 * need / total) / 100
+    if fraction >= 0.5:  # the file is too small to give up that much of it
+        return (f"{what}: {source.path} holds only {total} records; set {key}.eval_path to a separate held-out "
+                f"file")
+    return (f"{what}: raise {key}.eval_fraction ({source.eval_fraction} of {total} records; about {fraction} would "
+            f"hold ~{need} records and ~{round(need * per_record):,} supervised tokens), or set {key}.eval_path to a "
+            f"held-out file")
 
 
 def prepare_all(cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> list[Path]:
@@ -79,11 +126,11 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
 
     dirs = dirs or prepare_all(cfg, tokenizer, max_length=max_length, seed=seed)
     sources = []
-    for source, d in zip(cfg.sources, dirs):
+    for i, (source, d) in enumerate(zip(cfg.sources, dirs)):
         stats = json.loads((d / "stats.json").read_text())
-        if stats["kept"] == 0:
-            raise DataError(f"data source {source.name!r}: no usable record out of {stats['records']} "
-                            f"({stats['statuses']})", "empty_source")
+        if stats["kept"] == 0:  # a cache entry written before prepare_source refused such a source
+            raise no_usable_record(source.name, stats["records"], stats["statuses"])
+        stats["eval_warning"] = eval_size_warning(source, f"data.sources.{i}", stats)
         stats["audited"] = audit_source(source, tokenizer, train_on=cfg.train_on, samples=cfg.audit_samples, seed=seed)
         stats["mask_warnings"] = template_warnings(tokenizer) if source.format != "text" else []
         train = datasets.load_from_disk(str(d / "train"))

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sftdist.data.detect import missing_field_hint
+
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant", "tool")
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "tool": "tool"}
 _PASSTHROUGH = ("name", "tool_call_id")  # optional string keys a template may read
+SOURCE_KEY = "data.sources.<N>"  # where a caller does not say which source (index N) a record belongs to
 
 
 class DataError(ValueError):
@@ -185,17 +188,21 @@ def _list(row: dict[str, Any], name: str, columns: dict[str, str] | None, where:
     return value
 
 
-def _absent(row: Any, key: str, name: str, where: str, what: str) -> DataError:
-    """A missing-field error that lists the fields the record does have, and how to map one.
+class _Absent(DataError):
+    """A record without canonical field ``name``; ``to_conversation`` adds the fix (``missing_field_hint``),
+    which needs the format and the source's config path that the converters do not know."""
 
-    Example:
-        >>> print(_absent({"conversation": [], "id": 1}, "messages", "messages", "a.jsonl: line 1", "missing field 'messages'"))
-        a.jsonl: line 1: missing field 'messages'; the record has fields ['conversation', 'id'] (map one with data.sources[].columns, e.g. columns.messages=conversation)
-    """
-    fields = list(row) if isinstance(row, dict) else []
-    example = f"columns.{name}={fields[0]}" if fields else f"columns.{name}=<field>"
-    return DataError(f"{where}: {what}; the record has fields {fields} (map one with data.sources[].columns, e.g. "
-                     f"{example})", "missing_field")
+    def __init__(self, message: str, row: Any, name: str):
+        super().__init__(message, "missing_field")
+        self.row, self.name = row, name
+
+
+def _absent(row: Any, key: str, name: str, where: str, what: str) -> DataError:
+    return _Absent(f"{where}: {what}", row, name)
+
+
+def _with_hint(e: _Absent, fmt: str, columns: dict[str, str] | None, source_key: str) -> DataError:
+    return DataError(f"{e}; {missing_field_hint(e.row, fmt, e.name, columns, source_key)}", "missing_field")
 
 
 def _string(row: dict[str, Any], name: str, columns: dict[str, str] | None, where: str,
@@ -273,8 +280,8 @@ _CONVERTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca":
                "prompt_completion": _from_prompt_completion}
 
 
-def to_conversation(row: dict[str, Any], fmt: str, where: str,
-                    columns: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], list | None]:
+def to_conversation(row: dict[str, Any], fmt: str, where: str, columns: dict[str, str] | None = None, *,
+                    source_key: str = SOURCE_KEY) -> tuple[list[dict[str, Any]], list | None]:
     """Convert one record of a conversational format into ``(messages, tools)``.
 
     Example:
@@ -289,6 +296,11 @@ def to_conversation(row: dict[str, Any], fmt: str, where: str,
         >>> to_conversation({"q": "Hi", "a": [{"role": "assistant", "content": "Yo", "loss_weight": 0.0}]},
         ...                 "prompt_completion", "p.jsonl: line 1", {"prompt": "q", "completion": "a"})[0]
         [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Yo', 'train': False}]
+        >>> to_conversation({"instruction": "Add", "output": "4"}, "messages", "a.jsonl: line 1",
+        ...                 source_key="data.sources.1")
+        Traceback (most recent call last):
+        ...
+        sftdist.data.messages.DataError: a.jsonl: line 1: expected a non-empty 'messages' list; the record has fields ['instruction', 'output']: it looks like alpaca format (instruction/output): set data.sources.1.format=alpaca
 
     Args:
         row: One record as read from the file.
@@ -297,6 +309,8 @@ def to_conversation(row: dict[str, Any], fmt: str, where: str,
         columns: Canonical field name -> the record's key, e.g. ``{"messages": "conversation"}``. Fields
             not listed use their canonical name. For ``sharegpt`` the per-turn ``from``/``value`` keys can
             be mapped too.
+        source_key: The source's config path, e.g. ``data.sources.1``, which a missing field's error
+            names in its fix (the format the record looks like, or the column to map).
 
     Returns:
         ``(messages, tools)``: validated messages with at least one assistant turn, and the record's tool
@@ -312,11 +326,15 @@ def to_conversation(row: dict[str, Any], fmt: str, where: str,
                         "unknown_format")
     if fmt not in _CONVERTERS:
         raise DataError(f"{where}: unknown data format {fmt!r}; expected one of {FORMATS}", "unknown_format")
-    messages = _checked(_CONVERTERS[fmt](row, where, columns), where)
+    try:
+        messages = _checked(_CONVERTERS[fmt](row, where, columns), where)
+    except _Absent as e:
+        raise _with_hint(e, fmt, columns, source_key) from None
     return messages, _parse_tools(_get(row, "tools", columns), where)
 
 
-def to_text(row: dict[str, Any], where: str, columns: dict[str, str] | None = None) -> str:
+def to_text(row: dict[str, Any], where: str, columns: dict[str, str] | None = None, *,
+            source_key: str = SOURCE_KEY) -> str:
     """Validate a ``text``-format record and return its document.
 
     Example:
@@ -329,6 +347,7 @@ def to_text(row: dict[str, Any], where: str, columns: dict[str, str] | None = No
         row: One record with a string ``text`` field.
         where: ``file: record`` prefix for error messages.
         columns: ``{"text": key}`` when the document lives under another key.
+        source_key: The source's config path, named in the fix of a missing ``text`` field.
 
     Raises:
         DataError: ``missing_field`` when ``text`` is absent or blank, ``non_string_content`` when it is not
@@ -338,6 +357,9 @@ def to_text(row: dict[str, Any], where: str, columns: dict[str, str] | None = No
     if text is not None and not isinstance(text, str):
         raise DataError(f"{where}: expected a non-empty string field {key!r}, got {type(text).__name__}",
                         "non_string_content")
-    if not text or not text.strip():
+    if text is None:
+        raise _with_hint(_Absent(f"{where}: expected a non-empty string field {key!r}", row, "text"), "text",
+                         columns, source_key)
+    if not text.strip():
         raise DataError(f"{where}: expected a non-empty string field {key!r}", "missing_field")
     return text

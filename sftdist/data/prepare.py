@@ -20,7 +20,7 @@ from typing import Any, Optional
 from sftdist.config import DataConfig, DataSource
 from sftdist.data import quality
 from sftdist.data.demo import cache_root, resolve_builtin
-from sftdist.data.messages import DataError, to_conversation, to_text
+from sftdist.data.messages import SOURCE_KEY, DataError, to_conversation, to_text
 from sftdist.data.sources import is_local, read_records, source_files
 from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_conversation, encode_text
 
@@ -70,8 +70,9 @@ def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_len
 
 def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: str, max_length: int,
                   truncation: str, tokenizer, min_reply_tokens: int = 0,
-                  drop_cut_replies: bool = False) -> dict[str, Any]:
-    """Encode one raw JSON record; never raises for a bad record, reports it in ``status``/``error``.
+                  drop_cut_replies: bool = False, source_key: str = SOURCE_KEY) -> dict[str, Any]:
+    """Encode one raw JSON record; never raises for a bad record, reports it in ``status``/``error``
+    (whose fix names the source as ``source_key``, e.g. ``data.sources.1``).
 
     Returns:
         ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``status`` (``ok``, ``truncated``,
@@ -82,9 +83,9 @@ def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: st
     try:
         row = json.loads(raw)
         if fmt == "text":
-            enc = encode_text(tokenizer, to_text(row, where, columns))
+            enc = encode_text(tokenizer, to_text(row, where, columns, source_key=source_key))
         else:
-            messages, tools = to_conversation(row, fmt, where, columns)
+            messages, tools = to_conversation(row, fmt, where, columns, source_key=source_key)
             dropped = _reply_filter([(where, messages)], tokenizer, min_reply_tokens, drop_cut_replies)
             if dropped:
                 return {**empty, "status": dropped, "error": ""}
@@ -188,6 +189,35 @@ def raw_splits(source: DataSource, seed: int) -> tuple[dict[str, list], Optional
     return table, eval_table
 
 
+def source_key(cfg: DataConfig, source: DataSource) -> str:
+    """The config path of ``source`` that a user sets a fix under, e.g. ``data.sources.1``."""
+    names = [s.name for s in cfg.sources]
+    return f"data.sources.{names.index(source.name)}" if source.name in names else SOURCE_KEY
+
+
+def bad_record_error(first_error: str, name: str, reason: str) -> DataError:
+    """The error that stops the data stage at its first bad record under ``data.on_bad_record=error``.
+
+    Example:
+        >>> print(bad_record_error("a.jsonl: line 3: invalid JSON: Expecting value at column 1", "task", "invalid_json"))
+        a.jsonl: line 3: invalid JSON: Expecting value at column 1 [data source 'task'; set data.on_bad_record=skip to skip and count such records]
+    """
+    return DataError(f"{first_error} [data source {name!r}; set data.on_bad_record=skip to skip and count such "
+                     f"records]", reason)
+
+
+def no_usable_record(name: str, records: int, statuses: dict[str, int], first_error: str = "") -> DataError:
+    """The error for a source of which no record is left to train on, whatever ``data.on_bad_record`` says:
+    how many records were dropped or skipped for which reason, and the first bad record's own error.
+
+    Example:
+        >>> print(no_usable_record("task", 40, {"missing_field": 40}, "a.jsonl: line 1: missing field 'output'"))
+        data source 'task': no usable record out of 40 ({'missing_field': 40}); the first: a.jsonl: line 1: missing field 'output'
+    """
+    example = f"; the first: {first_error}" if first_error else ""
+    return DataError(f"data source {name!r}: no usable record out of {records} ({statuses}){example}", "empty_source")
+
+
 def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, tokenizer, max_length: int,
                   num_proc: int, split: str):
     import datasets
@@ -196,7 +226,7 @@ def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, t
     ds = datasets.Dataset.from_dict({**table, "pre_status": pre})
     kw = dict(fmt=source.format, columns=dict(source.columns), train_on=cfg.train_on, max_length=max_length,
               truncation=cfg.truncation, tokenizer=tokenizer, min_reply_tokens=cfg.min_reply_tokens,
-              drop_cut_replies=cfg.drop_cut_replies)
+              drop_cut_replies=cfg.drop_cut_replies, source_key=source_key(cfg, source))
     procs = num_proc if len(ds) >= 2000 else 1  # worker start-up costs more than small sets take
     # sftdist keys its own cache (cache_key); datasets' fingerprint of this map would pickle and hash the whole
     # tokenizer, which took longer than tokenising 1,000 alpaca records. A fixed one skips that.
@@ -206,14 +236,18 @@ def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, t
                 new_fingerprint=f"sftdist-encode-{source.name}-{split}")
     statuses = Counter(ds["status"])
     bad = [s for s in statuses if s not in OK_STATUSES + LENGTH_STATUSES + FILTER_STATUSES]
+
+    def first() -> str:  # only on the way to an error: a pass over the error column costs seconds on large sets
+        return next((e for e in ds["error"] if e), "")
+
     if bad and cfg.on_bad_record == "error":
-        first = next(e for e in ds["error"] if e)
-        raise DataError(f"{first} [data source {source.name!r}; set data.on_bad_record=skip to skip and count "
-                        f"such records]", bad[0])
+        raise bad_record_error(first(), source.name, bad[0])
     kept = ds.filter(lambda b: [s in OK_STATUSES for s in b], batched=True, input_columns="status",
                      new_fingerprint=f"sftdist-kept-{source.name}-{split}")
     stats = {"records": len(ds), "kept": len(kept), "statuses": dict(statuses),
              "tokens": int(sum(kept["num_tokens"])), "supervised_tokens": int(sum(kept["num_supervised"]))}
+    if split == "train" and not len(kept):  # nothing to train on; not cached, so that a fixed config rebuilds
+        raise no_usable_record(source.name, len(ds), stats["statuses"], first())
     return kept.remove_columns(["status", "error"]), stats
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import html
 import json
+from collections import Counter
 from typing import Any, Iterable, Optional
 
 from sftdist.config import DataConfig
 from sftdist.data import quality as q
-from sftdist.data.messages import DataError, to_conversation
-from sftdist.data.prepare import raw_splits
+from sftdist.data.messages import SOURCE_KEY, DataError, to_conversation
+from sftdist.data.prepare import bad_record_error, no_usable_record, raw_splits
 from sftdist.data.tokenize import IGNORE_INDEX, encode_conversation
 from sftdist.tools.inspect import format_table, length_percentiles
 
@@ -20,21 +21,39 @@ KEYS = ["records", "exact_duplicates", "near_duplicates", "conflicting_prompts",
         "cut_replies", "echo_replies", "refusals", "consecutive_user", "system_mid", "over_max_length"]
 
 
-def read_conversations(rows: Optional[dict[str, list]], fmt: str, columns: dict) -> tuple[list, list, int]:
-    """``(records, tools, unreadable)`` of a ``raw_splits`` table: the records that convert to messages."""
-    records, tools, bad = [], [], 0
+def read_conversations(rows: dict[str, list] | None, fmt: str, columns: dict,
+                       source_key: str = SOURCE_KEY) -> tuple[list, list, dict[str, int], str]:
+    """``(records, tools, skipped, first_error)`` of a ``raw_splits`` table: the records that convert to
+    messages, the others counted per reason as the data stage counts them, and the first one's error message
+    (the data stage's own, naming file, record and key; "" when every record converts)."""
+    records, tools, skipped, first = [], [], Counter(), ""
     rows = rows or {"raw": [], "where": [], "read_error": []}
     for raw, where, err in zip(rows["raw"], rows["where"], rows["read_error"]):
         try:
             if err:
-                raise DataError(err)
-            messages, tool_list = to_conversation(json.loads(raw), fmt, where, columns)
-        except DataError:
-            bad += 1
+                raise DataError(err, "invalid_json")
+            messages, tool_list = to_conversation(json.loads(raw), fmt, where, columns, source_key=source_key)
+        except DataError as e:
+            skipped[e.reason] += 1
+            first = first or str(e)
             continue
         records.append((where, messages))
         tools.append(tool_list)
-    return records, tools, bad
+    return records, tools, dict(skipped), first
+
+
+def check_read(name: str, on_bad_record: str, records: int, kept: int, skipped: dict[str, int], first: str,
+               split: str) -> None:
+    """Stop where the data stage would stop: at the first bad record under ``data.on_bad_record=error``, and,
+    whatever it says, when no record of the train split converts (nothing to train on).
+
+    Raises:
+        DataError: the data stage's own error for the same input.
+    """
+    if skipped and on_bad_record == "error":
+        raise bad_record_error(first, name, next(iter(skipped)))
+    if split == "train" and not kept:
+        raise no_usable_record(name, records, skipped, first)
 
 
 def token_lengths(records: list, tools: list, tokenizer, *, max_length: int, train_on: str) -> dict[str, Any]:
@@ -91,7 +110,12 @@ def quality_report(cfg: DataConfig, tokenizer, *, max_length: int, seed: int, ne
 
     Returns:
         ``{"settings": ..., "sources": {name: {"train": findings, "eval": findings | None, "unreadable": n,
-        "eval_overlap": ...}}, "cross_source": [{"source", "other", "count", "examples"}], "skipped": [...]}``.
+        "unreadable_reasons": {reason: n}, "eval_overlap": ...}}, "cross_source": [{"source", "other", "count",
+        "examples"}], "skipped": [...]}``.
+
+    Raises:
+        DataError: as the data stage raises it for the same records: the first bad one under
+            ``data.on_bad_record=error``; a source none of whose training records converts, whatever it says.
     """
     refusal_patterns = list(refusal_patterns)
     report: dict[str, Any] = {"settings": {"max_length": max_length, "near_threshold": near_threshold,
@@ -100,18 +124,21 @@ def quality_report(cfg: DataConfig, tokenizer, *, max_length: int, seed: int, ne
     kept: list[tuple[str, list]] = []
     kw = dict(max_length=max_length, train_on=cfg.train_on, near_threshold=near_threshold,
               min_reply_tokens=min_reply_tokens, refusal_patterns=refusal_patterns, n_examples=n_examples)
-    for source in cfg.sources:
+    for i, source in enumerate(cfg.sources):
         if source.format == "text":
             report["skipped"].append(source.name)
             continue
+        key = f"data.sources.{i}"
         train_rows, eval_rows = raw_splits(source, seed)
-        train, train_tools, bad = read_conversations(train_rows, source.format, dict(source.columns))
+        train, train_tools, skipped = _read_checked(train_rows, source, cfg.on_bad_record, key, "train")
         entry: dict[str, Any] = {"train": source_quality(train, train_tools, tokenizer, **kw), "eval": None,
-                                 "unreadable": bad, "eval_overlap": None}
+                                 "unreadable": sum(skipped.values()), "unreadable_reasons": skipped,
+                                 "eval_overlap": None}
         if eval_rows is not None:
-            evaluation, eval_tools, eval_bad = read_conversations(eval_rows, source.format, dict(source.columns))
+            evaluation, eval_tools, eval_skipped = _read_checked(eval_rows, source, cfg.on_bad_record, key, "eval")
             entry["eval"] = source_quality(evaluation, eval_tools, tokenizer, **kw)
-            entry["unreadable"] += eval_bad
+            entry["unreadable"] += sum(eval_skipped.values())
+            entry["unreadable_reasons"] = dict(Counter(skipped) + Counter(eval_skipped))
             pairs = q.overlap(train, evaluation)
             entry["eval_overlap"] = {"count": len(pairs), "examples": [[evaluation[e][0], train[t][0]]
                                                                         for e, t in pairs[:n_examples]]}
@@ -124,6 +151,12 @@ def quality_report(cfg: DataConfig, tokenizer, *, max_length: int, seed: int, ne
         kept.append((source.name, train))
         report["sources"][source.name] = entry
     return report
+
+
+def _read_checked(rows: dict[str, list], source, on_bad_record: str, key: str, split: str) -> tuple[list, list, dict]:
+    records, tools, skipped, first = read_conversations(rows, source.format, dict(source.columns), key)
+    check_read(source.name, on_bad_record, len(rows["raw"]), len(records), skipped, first, split)
+    return records, tools, skipped
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -178,6 +211,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"short = under {s['min_reply_tokens']} tokens)", format_table(COLUMNS, table_rows(report))]
     lines += [f"overlap: {c['count']} records of {c['source']} also in {c['other']}" for c in report["cross_source"]]
     lines += [f"skipped (format text): {name}" for name in report["skipped"]]
+    lines += [f"skipped (data.on_bad_record=skip): {name}: {entry['unreadable']} records {entry['unreadable_reasons']}"
+              for name, entry in report["sources"].items() if entry.get("unreadable")]
     ex = example_lines(report)
     return "\n".join(lines + (["", "examples:", *ex] if ex else []))
 

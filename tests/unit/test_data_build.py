@@ -8,9 +8,11 @@ import pytest
 
 import sftdist.cluster.launch
 import sftdist.data.audit
+import sftdist.data.build
 import sftdist.data.collate
 import sftdist.data.loader
 import sftdist.data.messages
+import sftdist.data.prepare
 import sftdist.data.reply_spans
 import sftdist.data.template_shape
 import sftdist.data.tokenize
@@ -133,6 +135,45 @@ def test_eval_fraction_and_eval_path(tmp_path, demo_tokenizer):
     assert (len(data.sources[0].train), len(data.sources[0].eval)) == (20, 3)
 
 
+def test_tiny_eval_splits_get_one_warning_per_source_in_the_run_log(shared_dir, tmp_path, demo_tokenizer, capsys):
+    """The issue's case: ``eval_fraction: 0.02`` of the 91-record identity set holds 2 records. Each source
+    whose eval split is under 20 records or 1,000 supervised tokens gets one line, logged with the data
+    stage's other warnings (``log``: rank 0 only), naming the source, its counts and the fix."""
+    from sftdist.data.build import build_schedule
+    from sftdist.lifecycle.startup import log_data_report
+
+    sets = shared_dir / "datasets"
+    identity = json.loads((sets / "llamafactory_identity.json").read_text())
+    sources = [DataSource(name="identity", path=str(sets / "llamafactory_identity.json"), format="alpaca",
+                          eval_fraction=0.02),
+               DataSource(name="alpaca", path=str(sets / "llamafactory_alpaca_en_demo.json"), format="alpaca",
+                          max_samples=300, eval_fraction=0.1),
+               DataSource(name="held", path=write_jsonl(tmp_path / "train.jsonl", identity[:40]), format="alpaca",
+                          eval_path=write_jsonl(tmp_path / "held.jsonl", identity[40:43])),
+               DataSource(name="small", path=write_jsonl(tmp_path / "small.jsonl", identity[:10]), format="alpaca",
+                          eval_fraction=0.1)]
+    cfg = data_cfg(tmp_path, *sources)
+    data = build(cfg, demo_tokenizer, 512)
+    assert [len(s.eval) for s in data.sources] == [2, 30, 3, 1]
+    assert data.sources[1].stats["eval"]["supervised_tokens"] >= 1000  # 30 alpaca replies: large enough
+    tokens = [s.stats["eval"]["supervised_tokens"] for s in data.sources]
+    expected = [(f"data source 'identity': its eval split has only 2 records and {tokens[0]:,} supervised tokens, "
+                 f"too few for its eval loss to mean anything (under 20 records or 1,000 supervised tokens): raise "
+                 f"data.sources.0.eval_fraction (0.02 of 91 records; about "),
+                f"data source 'held': its eval split has only 3 records and {tokens[2]:,} supervised tokens, ",
+                f"data source 'small': its eval split has only 1 record and {tokens[3]:,} supervised tokens, "]
+    small = [w for w in data.warnings if "eval split" in w]
+    assert len(small) == 3 and all(w.startswith(e) for w, e in zip(small, expected)), small
+    assert small[1].endswith(f": add held-out records to data.sources.2.eval_path={tmp_path / 'held.jsonl'}, or "
+                             f"hold out a share of the training file with data.sources.2.eval_fraction instead")
+    assert small[2].endswith(f": {tmp_path / 'small.jsonl'} holds only 10 records; set data.sources.3.eval_path "
+                             f"to a separate held-out file")
+    capsys.readouterr()
+    log_data_report(data, build_schedule(data, cfg, seed=0, global_batch_size=4, max_length=512))
+    logged = [line for line in capsys.readouterr().out.splitlines() if "eval split" in line]
+    assert [line.split("] ", 1)[1] for line in logged] == [f"warning: {w}" for w in small]
+
+
 def test_demo_mix_builds(tmp_path, demo_tokenizer):
     cfg = data_cfg(tmp_path, DataSource(name="chat", path="builtin:demo_chat", weight=0.9),
                    DataSource(name="gen", path="builtin:demo_generic", format="text", weight=0.1))
@@ -149,8 +190,9 @@ def test_demo_data_is_deterministic_and_varied():
     assert demo_generic_texts() == demo_generic_texts()
 
 
-@pytest.mark.parametrize("module", [sftdist.data.audit, sftdist.data.collate, sftdist.data.loader,
-                                    sftdist.data.messages, sftdist.data.tokenize, sftdist.data.reply_spans,
+@pytest.mark.parametrize("module", [sftdist.data.audit, sftdist.data.build, sftdist.data.collate, sftdist.data.loader,
+                                    sftdist.data.messages, sftdist.data.prepare, sftdist.data.tokenize,
+                                    sftdist.data.reply_spans,
                                     sftdist.data.template_shape, sftdist.engine.loss, sftdist.engine.optim,
                                     sftdist.cluster.launch])
 def test_docstring_examples(module):

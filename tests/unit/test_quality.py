@@ -1,7 +1,8 @@
 """``sftdist-data quality`` and the data-stage filters: planted problems in a synthetic set are found and
 counted exactly; planted duplicates and cut replies in copies of the real shared sets raise the report's
 counts by exactly the number planted; ``data.dedup``/``min_reply_tokens``/``drop_cut_replies`` drop exactly
-those records and the mix report counts them; the CLI writes its JSON and HTML."""
+those records and the mix report counts them; the CLI writes its JSON and HTML, and stops where training
+stops, with training's own error (bad records; a source none of whose records parses)."""
 
 import doctest
 import json
@@ -13,6 +14,7 @@ import sftdist.data.quality as quality
 import sftdist.tools.quality_report as quality_report_mod
 from sftdist.config import ConfigError, DataConfig, DataSource
 from sftdist.data.build import build_datasets, build_schedule, mix_report
+from sftdist.data.messages import DataError
 from sftdist.data.prepare import cache_key
 from sftdist.tools.quality_report import quality_report
 from tests.conftest import run_cmd
@@ -274,3 +276,45 @@ def test_cli_writes_json_and_html(tmp_path, demo_tokenizer):
     page = out_html.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<td>mine</td>" in page and "cut_replies" in page
     assert "exact dup" in proc.stdout and f"JSON report written to {out_json}" in proc.stdout
+
+
+def _exit_message(main, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return str(e.value.code)
+
+
+def test_cli_stops_where_training_stops_with_the_same_error(shared_dir, tmp_path):
+    """A file of alpaca records read as ``format: messages`` (the issue): no record parses. ``sftdist data
+    quality`` stops with the data stage's own error (``sftdist data prepare`` here), in this process."""
+    from sftdist.tools.data_cli import data_main, prepare_main
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", synthetic())
+    identity = json.loads((shared_dir / "datasets" / "llamafactory_identity.json").read_text())[:30]
+    task = write_jsonl(tmp_path / "identity.jsonl", identity)
+    sources = (f"data.sources=[{{name: chat, path: {chat}, format: messages}}, "
+               f"{{name: task, path: {task}, format: messages}}]")
+    overrides = [sources, "train.max_length=64",
+                 f"data.cache_dir={tmp_path / 'cache'}"]
+    for extra, says in (([], [f"{task}: line 1: ", "[data source 'task'; set data.on_bad_record=skip"]),
+                        (["data.on_bad_record=skip"], ["data source 'task': no usable record out of 30 "
+                                                       "({'missing_field': 30}); the first: " + f"{task}: line 1: "])):
+        trained = _exit_message(prepare_main, overrides + extra)
+        reported = _exit_message(data_main, ["quality", *overrides, *extra])
+        assert trained.startswith("sftdist-prepare: error: ") and reported.startswith("sftdist-data: error: ")
+        assert reported.removeprefix("sftdist-data: error: ") == trained.removeprefix("sftdist-prepare: error: ")
+        for fragment in says + ["set data.sources.1.format=alpaca"]:
+            assert fragment in reported, reported
+
+
+def test_records_skipped_under_skip_are_counted_per_reason(tmp_path, demo_tokenizer):
+    rows = synthetic()[:10] + [{"instruction": "Hi", "output": "Yo"}, {"messages": [{"role": "robot", "content": "x"}]}]
+    cfg = DataConfig(sources=[DataSource(name="mine", path=write_jsonl(tmp_path / "s.jsonl", rows))],
+                     on_bad_record="skip")
+    report = quality_report(cfg, demo_tokenizer, max_length=64, seed=0)
+    entry = report["sources"]["mine"]
+    assert entry["train"]["records"] == 10 and entry["unreadable_reasons"] == {"missing_field": 1, "unknown_role": 1}
+    assert ("skipped (data.on_bad_record=skip): mine: 2 records {'missing_field': 1, 'unknown_role': 1}"
+            in quality_report_mod.format_report(report))
+    with pytest.raises(DataError, match=r"s.jsonl: line 11: .*set data.sources.0.format=alpaca \[data source 'mine'"):
+        quality_report(DataConfig(sources=cfg.sources), demo_tokenizer, max_length=64, seed=0)
