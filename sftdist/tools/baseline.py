@@ -15,9 +15,10 @@ It runs in one process with the whole model on one device (the GPU when there is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +30,10 @@ from sftdist.data.tokenize import encode_conversation
 from sftdist.engine import attention
 
 SHOT_CANDIDATES = 256  # training records tried per source when drawing shots
+
+
+def _no_tick(n: int) -> None:
+    """A progress callback that counts nothing."""
 
 
 def few_shot_conversation(shots: list[list[dict]], messages: list[dict]) -> list[dict]:
@@ -133,8 +138,10 @@ def few_shot_row(record: dict, shots: list[dict], cfg: SFTConfig, tokenizer) -> 
     return None, 0
 
 
-def few_shot_source(src: SourceData, source, cfg: SFTConfig, tokenizer, k: int) -> tuple[list[dict], list[int]]:
-    """The eval split of one conversational source as k-shot rows, and the shots each row got.
+def few_shot_source(src: SourceData, source, cfg: SFTConfig, tokenizer, k: int,
+                    tick: Callable[[int], None] = _no_tick) -> tuple[list[dict], list[int]]:
+    """The eval split of one conversational source as k-shot rows, and the shots each row got; ``tick(1)``
+    after each row.
 
     A record that no shot fits beside keeps its zero-shot row (0 shots).
 
@@ -153,20 +160,31 @@ def few_shot_source(src: SourceData, source, cfg: SFTConfig, tokenizer, k: int) 
         enc, n = few_shot_row(record, shots, cfg, tokenizer)
         rows.append(enc or {"input_ids": src.eval[i]["input_ids"], "labels": src.eval[i]["labels"]})
         used.append(n)
+        tick(1)
     return rows, used
 
 
-def few_shot_data(data: TrainData, cfg: SFTConfig, tokenizer, k: int) -> tuple[TrainData, dict[str, list[int]]]:
-    """``data`` with every conversational eval split replaced by its k-shot rows (text sources keep theirs),
-    and the shots per row of each conversational source. With ``data.train_on=all`` every token of a row is
-    scored, the shots' too, so there are no k-shot rows (the shots per row stay empty)."""
+def shot_sources(data: TrainData, cfg: SFTConfig, k: int) -> list[str]:
+    """The sources that get k-shot rows: those with an eval split that hold conversations (a text document
+    takes no shots). None with ``k=0``, or with ``data.train_on=all``: every token of a row is scored, the
+    shots' too."""
+    if k <= 0 or cfg.data.train_on == "all":
+        return []
+    return [s.name for s in data.sources if s.eval is not None and s.format != "text"]
+
+
+def few_shot_data(data: TrainData, cfg: SFTConfig, tokenizer, k: int,
+                  tick: Callable[[int], None] = _no_tick) -> tuple[TrainData, dict[str, list[int]]]:
+    """``data`` with the eval split of every ``shot_sources`` source replaced by its k-shot rows (the others
+    keep theirs), and the shots per row of each of them (``tick(1)`` after each row)."""
+    names = shot_sources(data, cfg, k)
+    if not names:
+        return data, {}
     sources, used = [], {}
-    if cfg.data.train_on == "all":
-        return data, used
     for src, source in zip(data.sources, cfg.data.sources):
         rows = src.eval
-        if src.eval is not None and src.format != "text" and k > 0:
-            rows, used[src.name] = few_shot_source(src, source, cfg, tokenizer, k)
+        if src.name in names:
+            rows, used[src.name] = few_shot_source(src, source, cfg, tokenizer, k, tick)
         sources.append(SourceData(src.name, src.weight, src.format, src.train, rows, src.stats, src.generic))
     return TrainData(sources), used
 
@@ -208,9 +226,7 @@ def finetuned_model(cfg: SFTConfig, run_dir: Path, tokenizer, precision: str, ba
     if (final / "adapter_config.json").exists():
         from peft import PeftModel
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename
-            tuned = PeftModel.from_pretrained(base, str(final))
+        tuned = PeftModel.from_pretrained(base, str(final))
         return tuned if cfg.peft.method == "qlora" else tuned.to(device())  # 4-bit weights stay where they load
     model = AutoModelForCausalLM.from_pretrained(str(final), dtype=DTYPES[precision],
                                                  attn_implementation=cfg.model.attn_implementation)
@@ -218,13 +234,45 @@ def finetuned_model(cfg: SFTConfig, run_dir: Path, tokenizer, precision: str, ba
     return attention.use_for(model, cfg.model.attn_implementation, cfg.train.max_length).to(device())
 
 
-def eval_losses(model, data: TrainData, cfg: SFTConfig, tokenizer) -> dict[str, float]:
-    """``eval_loss`` and ``eval_loss/<source>`` of ``model``, computed as the training loop's eval pass is
-    (its loss head checked on the first eval record, as ``startup.choose_head`` checks the first batch)."""
+def eval_batches(data: TrainData, micro_batch_size: int):
+    """``data`` cut into one micro-batch of the eval pass each: the same records, in the same batches, as
+    ``evaluate`` forms over the whole of it on one process (the eval splits are lists of those rows).
+
+    Yields:
+        ``(part, records)``: the micro-batch as a ``TrainData`` and how many eval records it holds.
+    """
+    samples = [(s, i) for s, src in enumerate(data.sources) if src.eval is not None
+               for i in range(len(src.eval))]
+    for start in range(0, len(samples), micro_batch_size):
+        chunk = samples[start:start + micro_batch_size]
+        rows: dict[int, list] = {s: [] for s in range(len(data.sources))}
+        for s, i in chunk:
+            rows[s].append(data.sources[s].eval[i])
+        yield TrainData([dataclasses.replace(src, eval=None if src.eval is None else rows[s])
+                         for s, src in enumerate(data.sources)]), len(chunk)
+
+
+def eval_losses(model, data: TrainData, cfg: SFTConfig, tokenizer,
+                tick: Callable[[int], None] = _no_tick) -> dict[str, float]:
+    """``eval_loss``, ``eval_loss/<source>`` and ``eval_supervised_tokens/<source>`` of ``model``, computed as
+    the training loop's eval pass is (its loss head checked on the first eval record, as
+    ``startup.choose_head`` checks the first batch). It runs one micro-batch at a time, ``tick(records)``
+    after each, and sums the token-weighted losses as ``evaluate`` does."""
     from sftdist.lifecycle.startup import head_for_batch
-    from sftdist.observe.evaluation import evaluate
+    from sftdist.observe.evaluation import evaluate, per_source_metrics
 
     first = next((s, 0) for s, src in enumerate(data.sources) if src.eval is not None and len(src.eval))
     head = head_for_batch(model, make_batch(data, [[first]], tokenizer.pad_token_id, packed=False, split="eval"),
                           mode=cfg.train.lm_head, chunk_tokens=cfg.train.loss_chunk_tokens)
-    return evaluate(model, data, micro_batch_size=cfg.train.micro_batch_size, pad_id=tokenizer.pad_token_id, head=head)
+    names, num = data.names, len(data.sources)
+    sums = [0.0] * (2 * num)  # per source: the summed token losses, then the supervised token counts
+    for part, records in eval_batches(data, cfg.train.micro_batch_size):
+        out = evaluate(model, part, micro_batch_size=cfg.train.micro_batch_size,
+                       pad_id=tokenizer.pad_token_id, head=head)
+        for i, name in enumerate(names):
+            count = out[f"eval_supervised_tokens/{name}"]
+            sums[i] += (out[f"eval_loss/{name}"] or 0.0) * count
+            sums[num + i] += count
+        tick(records)
+    return {"eval_loss": sum(sums[:num]) / max(sum(sums[num:]), 1),
+            **per_source_metrics("eval_loss", names, sums)}

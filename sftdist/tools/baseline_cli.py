@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sftdist.config import ConfigError, SFTConfig, compose_config, validate
-from sftdist.tools.baseline import base_model, eval_losses, few_shot_data, finetuned_model, run_config
+from sftdist.observe.progress import PhaseProgress
+from sftdist.tools.baseline import (
+    base_model,
+    eval_losses,
+    few_shot_data,
+    finetuned_model,
+    run_config,
+    shot_sources,
+)
 from sftdist.tools.run_files import parse_metrics
 
 
@@ -27,6 +35,72 @@ def run_metrics(run_dir: Path) -> Optional[dict[str, Any]]:
     return {"step0_eval_loss": first, "final_eval_loss": evals[-1]["eval_loss"], "final_step": evals[-1]["step"]}
 
 
+def plan_lines(evals: dict[str, int], *, k: int, shot_names: list[str], no_shots: str | None, answers: int,
+               max_new_tokens: int, run_dir: Path | None) -> list[str]:
+    """What the baseline is about to do, said before the slow part so that a user can stop it early.
+
+    Args:
+        evals: Eval records per source (the sources with an eval split).
+        k: ``--k``.
+        shot_names: The sources that get k-shot rows (``shot_sources``).
+        no_shots: Why there are none although ``k > 0``.
+        answers: ``--answers``: eval prompts per source.
+        max_new_tokens: ``--max-new-tokens``.
+        run_dir: ``--run``.
+
+    Example:
+        >>> for line in plan_lines({"chat": 40, "web": 10}, k=3, shot_names=["chat"], no_shots=None,
+        ...                        answers=2, max_new_tokens=64, run_dir=None):
+        ...     print(line)
+        plan: eval splits of 50 records (chat 40, web 10)
+          zero-shot:  eval loss on 50 records, 4 greedy answers of up to 64 tokens
+          3-shot:     eval loss on 50 records, 3 training examples before each of the 40 of chat; 2 answers
+          in all:     2 eval passes (100 records), 6 answers (--k 0: no 3-shot pass; --answers 0: none)
+    """
+    records = sum(evals.values())
+    prompts = sum(min(answers, n) for n in evals.values())
+    shot_records = sum(evals[n] for n in shot_names)
+    shot_prompts = sum(min(answers, evals[n]) for n in shot_names)
+    tuned = run_dir is not None
+    passes = 1 + bool(shot_names) + tuned
+    listed = ", ".join(f"{n} {c}" for n, c in evals.items())
+    answered = f"{prompts} greedy answers of up to {max_new_tokens} tokens" if prompts else "no answers"
+    lines = [f"plan: eval splits of {records} records ({listed})",
+             f"  zero-shot:  eval loss on {records} records, {answered}"]
+    if shot_names:
+        lines.append(f"  {k}-shot:     eval loss on {records} records, {k} training examples before each of "
+                     f"the {shot_records} of {', '.join(shot_names)}; {shot_prompts} answers")
+    else:
+        lines.append(f"  k-shot:     {no_shots or 'skipped (--k 0)'}")
+    if tuned:
+        lines.append(f"  fine-tuned: eval loss on {records} records, {prompts} answers ({run_dir / 'final'})")
+    skips = [f"--k 0: no {k}-shot pass"] * bool(shot_names) + ["--answers 0: none"] * bool(prompts)
+    lines.append(f"  in all:     {passes} eval pass{'es' * (passes > 1)} ({passes * records} records), "
+                 f"{prompts * (1 + tuned) + shot_prompts} answers" + (f" ({'; '.join(skips)})" if skips else ""))
+    return lines
+
+
+def loss_pass(label: str, model, data, cfg: SFTConfig, tokenizer, say: Callable[[str], None]) -> dict[str, float]:
+    """``eval_losses`` with a progress bar or lines (``label``: which model and prompts)."""
+    total = sum(len(s.eval) for s in data.sources if s.eval is not None)
+    with PhaseProgress(f"{label} eval loss", total, unit="records", say=say) as progress:
+        return eval_losses(model, data, cfg, tokenizer, tick=progress.update)
+
+
+def answer_pass(label: str, model, tokenizer, prompts: list, *, max_new_tokens: int,
+                say: Callable[[str], None]) -> list[str]:
+    """Greedy answers to ``prompts``, one at a time, with a progress bar or lines."""
+    from sftdist.observe.samples import generate_samples
+
+    out = []
+    with PhaseProgress(f"{label} answers", len(prompts), unit="answers", say=say) as progress:
+        for p in prompts:
+            [row] = generate_samples(model, tokenizer, [p], step=0, max_new_tokens=max_new_tokens, synced=False)
+            out.append(row["completion"])
+            progress.update()
+    return out
+
+
 def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_dir: Optional[Path] = None,
             say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Every figure and answer of the report (``baseline_report``), JSON-ready.
@@ -37,7 +111,7 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
         answers: Eval prompts per source answered greedily by each model.
         max_new_tokens: Longest generated answer.
         run_dir: A finished run whose ``final/`` model is measured too.
-        say: Progress lines (stderr in the CLI).
+        say: The plan and the progress lines (stderr in the CLI).
 
     Raises:
         ConfigError: a config training would refuse on this machine (one process), no source has an eval
@@ -48,7 +122,7 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
     from sftdist.engine.deepspeed_wrap import resolve_precision
     from sftdist.engine.distributed import has_gpu
     from sftdist.engine.model import load_tokenizer
-    from sftdist.observe.samples import eval_split_prompts, generate_samples
+    from sftdist.observe.samples import eval_split_prompts
 
     t = cfg.train
     validate(cfg, dp_world=1, has_gpu=has_gpu())  # e.g. qlora or bf16 without a GPU: one line, before any work
@@ -57,27 +131,31 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
     if not data.has_eval():
         raise ConfigError("no data source has an eval split: the baseline measures the eval replies (give a source "
                           "eval_fraction or eval_path)")
-    shot_data, used = few_shot_data(data, cfg, tokenizer, k)
+    names = shot_sources(data, cfg, k)
     notes = []
-    if k and not used:
+    if k and not names:
         notes.append(f"no {k}-shot figures: " + ("with data.train_on=all the shots' tokens would be scored too"
                                                  if cfg.data.train_on == "all" else "no source with an eval split "
                                                  "holds conversations"))
+    evals = {s.name: len(s.eval) for s in data.sources if s.eval is not None}
+    for line in plan_lines(evals, k=k, shot_names=names, no_shots=notes[0] if notes else None, answers=answers,
+                           max_new_tokens=max_new_tokens, run_dir=run_dir):
+        say(line)
+    with PhaseProgress(f"{k}-shot prompts", sum(evals[n] for n in names), unit="records", say=say) as progress:
+        shot_data, used = few_shot_data(data, cfg, tokenizer, k, tick=progress.update)
     precision = resolve_precision(cfg.parallelism.precision, gpu=has_gpu())
     say(f"loading the base model ({precision})")
     model = base_model(cfg, tokenizer, precision)
-    prompts, shot_prompts = eval_split_prompts(data, answers), eval_split_prompts(shot_data, answers)
-
-    def generate(m, ps) -> list[str]:
-        rows = generate_samples(m, tokenizer, ps, step=0, max_new_tokens=max_new_tokens, synced=False)
-        return [r["completion"] for r in rows]
-
-    say("zero-shot eval loss and answers")
-    zero, zero_answers = eval_losses(model, data, cfg, tokenizer), generate(model, prompts)
+    prompts = eval_split_prompts(data, answers)
+    shot_prompts = [p for p in eval_split_prompts(shot_data, answers) if p.source in used]  # others: as zero-shot
+    kw = {"max_new_tokens": max_new_tokens, "say": say}
+    zero = loss_pass("zero-shot", model, data, cfg, tokenizer, say)
+    zero_answers = answer_pass("zero-shot", model, tokenizer, prompts, **kw)
     few, few_answers = None, [None] * len(prompts)
     if used:
-        say(f"{k}-shot eval loss and answers")
-        few, few_answers = eval_losses(model, shot_data, cfg, tokenizer), generate(model, shot_prompts)
+        few = loss_pass(f"{k}-shot", model, shot_data, cfg, tokenizer, say)
+        shot_answers = iter(answer_pass(f"{k}-shot", model, tokenizer, shot_prompts, **kw))
+        few_answers = [next(shot_answers) if p.source in used else None for p in prompts]
     tuned, tuned_answers = None, [None] * len(prompts)
     if run_dir is not None:
         adapter = (run_dir / "final" / "adapter_config.json").exists()
@@ -87,7 +165,8 @@ def measure(cfg: SFTConfig, *, k: int, answers: int, max_new_tokens: int, run_di
             model = None
         say(f"loading the fine-tuned model from {run_dir / 'final'}")
         tuned_model = finetuned_model(cfg, run_dir, tokenizer, precision, model)
-        tuned, tuned_answers = eval_losses(tuned_model, data, cfg, tokenizer), generate(tuned_model, prompts)
+        tuned = loss_pass("fine-tuned", tuned_model, data, cfg, tokenizer, say)
+        tuned_answers = answer_pass("fine-tuned", tuned_model, tokenizer, prompts, **kw)
 
     sources, overall = loss_rows(data, zero, few, tuned, used)
     answer_rows = answer_table(tokenizer, prompts, used, zero_answers, few_answers, tuned_answers)
@@ -144,8 +223,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="sftdist-baseline", description=__doc__)
     parser.add_argument("--run", help="a finished run directory: also measure its final/ model (full or LoRA), "
                                       "with the run's own config")
-    parser.add_argument("--k", type=int, default=3, help="training examples prepended as earlier turns (default 3)")
-    parser.add_argument("--answers", type=int, default=3, help="eval prompts per source answered greedily (default 3)")
+    parser.add_argument("--k", type=int, default=3, help="training examples prepended as earlier turns (default 3); "
+                                                          "0 skips the k-shot pass: zero-shot only, one eval pass less")
+    parser.add_argument("--answers", type=int, default=3, help="eval prompts per source answered greedily by each "
+                                                                "model (default 3; 0: no answers, losses only)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer (default 128)")
     parser.add_argument("--html", help="the HTML page (default: RUN_DIR/baseline.html with --run, else ./baseline.html)")
     parser.add_argument("--json", help="also write the report as JSON to this file")

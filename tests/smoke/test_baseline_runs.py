@@ -5,6 +5,7 @@ Its bad inputs fail with one line before any model is loaded."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -41,8 +42,14 @@ def test_zero_shot_is_step_0_and_fine_tuned_is_the_last_eval(trained_runs, tmp_p
 
     # Before training: the same overrides as the run.
     before = tmp_path / "before.json"
-    baseline("--k", "0", "--answers", "0", "--html", str(tmp_path / "b.html"), "--json", str(before), *FAST)
+    proc = baseline("--k", "0", "--answers", "0", "--html", str(tmp_path / "b.html"), "--json", str(before),
+                    *FAST)
     assert_losses(losses(json.loads(before.read_text()), "zero_shot"), step0)
+    # The plan, then progress with done/total and the time (stderr is a file here: lines, not a bar).
+    assert "plan: eval splits of 5 records (demo_chat 3, demo_generic 2)" in proc.stderr
+    assert "k-shot:     skipped (--k 0)" in proc.stderr
+    assert "in all:     1 eval pass (5 records), 0 answers" in proc.stderr
+    assert re.search(r"zero-shot eval loss: 5/5 records, \d+:\d\d elapsed", proc.stderr)
 
     # After: the run's own config, its final/ model, 3-shot prompts and answers.
     after, page = tmp_path / "after.json", tmp_path / "after.html"
@@ -58,6 +65,11 @@ def test_zero_shot_is_step_0_and_fine_tuned_is_the_last_eval(trained_runs, tmp_p
     assert all(a["zero_shot"] and a["finetuned"] and a["reference"] for a in report["answers"])
     assert report["run_metrics"]["final_eval_loss"] == last["eval_loss"]
     assert "fine-tuned: eval loss" in proc.stdout and "3-shot" in proc.stdout
+    assert "in all:     3 eval passes (15 records), 5 answers" in proc.stderr
+    for phase in ("3-shot prompts: 3/3 records", "3-shot eval loss: 5/5 records",
+                  "3-shot answers: 1/1 answers", "fine-tuned eval loss: 5/5 records",
+                  "fine-tuned answers: 2/2 answers"):
+        assert re.search(re.escape(phase) + r", \d+:\d\d elapsed", proc.stderr), phase
     assert "<th>fine-tuned</th>" in page.read_text()
     assert not (run_dir / "baseline.html").exists()  # --html chose the page's place
 

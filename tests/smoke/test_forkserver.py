@@ -1,7 +1,9 @@
 """The fork server (``tests/forkserver.py``) runs what a fresh interpreter runs. Most of the suite's training
 runs are forked from it, so this is the check that it hides nothing: the same command forked and started
 fresh gives bit-identical metrics, the same run directory and the same weights, for one process
-(``python -m sftdist.train``) and for two ranks (forked ranks against the real torchrun)."""
+(``python -m sftdist.train``) and for two ranks (forked ranks against the real torchrun). The fresh runs
+also show the warning policy (``sftdist.QUIET_WARNINGS``): third-party deprecations gone, sftdist's own
+warnings kept."""
 
 import re
 
@@ -12,6 +14,9 @@ from safetensors.torch import load_file
 from tests.conftest import FAST, fork_server, read_metrics, train_single, train_torchrun
 
 TIMING = re.compile(r"per_sec|elapsed|step_time|mfu|mem/")  # what the clock or the allocator decides
+# What every process (each rank, some every step) printed before sftdist.quiet_third_party_warnings().
+NOISE = re.compile(r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated|"
+                   r"`(is_)?gradient_checkpointing(_enable)?` is deprecated")
 
 
 def deterministic(run_dir) -> list[dict]:
@@ -41,3 +46,7 @@ def test_a_forked_run_equals_a_fresh_interpreter(trained_runs, tmp_path, name, n
     a, b = load_file(forked / "final" / "model.safetensors"), load_file(fresh / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert log_shape((forked / "stdout.txt").read_text(), forked) == log_shape(proc.stdout, fresh)
+    output = proc.stdout + proc.stderr  # a fresh interpreter's: its imports' warnings are its own
+    assert not NOISE.search(output), NOISE.search(output)
+    # sftdist's own warning, which asks the user to act, still shows.
+    assert "] warning: data source 'demo_chat': its eval split has only 3 records" in proc.stdout

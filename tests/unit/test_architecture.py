@@ -108,3 +108,15 @@ def test_commands_that_do_not_train_start_without_torch():
             "sftdist.cli; bad = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_pyproject_lists_every_package():
+    """Every folder of package files (``sftdist/**.py``, ``conf/**.yaml``, shipped as ``sftdist.conf``) is in
+    pyproject's ``packages``: setuptools prints ~40 lines of warning per missing one at every install."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("*.py")}
+    folders |= {".".join(("sftdist", *p.parent.relative_to(REPO).parts))
+                for p in (REPO / "conf").rglob("*.yaml")}
+    assert folders <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(folders - listed)}"

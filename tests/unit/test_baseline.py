@@ -9,6 +9,7 @@ import doctest
 import pytest
 
 import sftdist.tools.baseline
+import sftdist.tools.baseline_cli
 import sftdist.tools.baseline_report
 from sftdist.data.build import build_datasets
 from sftdist.data.prepare import raw_splits
@@ -25,6 +26,8 @@ SETS = {"alpaca": ("llamafactory_alpaca_en_demo.json", "alpaca"),
 def test_doctests():
     assert doctest.testmod(sftdist.tools.baseline).failed == 0
     assert doctest.testmod(sftdist.tools.baseline_report).failed == 0
+    result = doctest.testmod(sftdist.tools.baseline_cli)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def _config(shared, tmp_path, tokenizer: str, data: str, *, max_length: int, extra=()):

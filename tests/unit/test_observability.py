@@ -197,6 +197,35 @@ def test_progress_bar_keeps_log_lines_above_it(monkeypatch, capsys):
     assert run_log._writer is None  # closed: log() prints plainly again
 
 
+def test_phase_progress_lines_come_periodically_with_an_eta(monkeypatch):
+    from sftdist.observe import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal: lines
+    lines = []
+    with progress.PhaseProgress("eval loss", 10, unit="records", say=lines.append, every=30) as p:
+        for _ in range(10):
+            clock[0] += 10
+            p.update()
+    # After the first record, then every 30 s, then at the end; the ETA is the mean time per record so far.
+    assert lines == ["eval loss: 1/10 records, 0:10 elapsed, eta 1:30",
+                     "eval loss: 4/10 records, 0:40 elapsed, eta 1:00",
+                     "eval loss: 7/10 records, 1:10 elapsed, eta 0:30",
+                     "eval loss: 10/10 records, 1:40 elapsed"]
+
+
+def test_phase_progress_bar_on_a_terminal(monkeypatch):
+    from sftdist.observe.progress import PhaseProgress
+
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    lines = []
+    with PhaseProgress("answers", 2, unit="answers", say=lines.append, mode="bar") as p:
+        p.update(2)
+    assert not lines and "answers: 100%" in err.getvalue() and "2/2" in err.getvalue()
+
+
 def test_run_dir_tail_of_a_killed_run_is_dropped_on_resume(tmp_path):
     from sftdist.lifecycle.rundir import prepare_run_dir
 
