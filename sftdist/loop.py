@@ -96,7 +96,8 @@ def train_loop(parts: LoopParts, *, start_step: int, max_steps: int) -> LoopResu
         baseline, _, _ = p.evals.run(engine, p.data, p.head, step=0, metrics=p.metrics)
         if baseline:
             p.metrics.write({"step": 0, "elapsed_s": time.time() - start, **baseline})
-            log(f"step 0 (before training)  eval_loss {baseline['eval_loss']:.4f}")
+            if "eval_loss" in baseline:
+                log(f"step 0 (before training)  eval_loss {baseline['eval_loss']:.4f}")
     step, why, stop_signal, early_stop = start_step - 1, None, None, None
     for step in range(start_step, max_steps):
         step_start = time.time()

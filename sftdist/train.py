@@ -30,7 +30,7 @@ from sftdist.engine.distributed import is_main, log
 from sftdist.engine.forward import LossHead
 from sftdist.lifecycle import checkpoint, export, hangs, nonfinite, resume_check, rundir, startup, stopping
 from sftdist.loop import LoopParts, LoopResult, Saving, agreed_stop_signal, train_loop
-from sftdist.observe import advice, evaluation, metrics_log, progress, samples, step_metrics
+from sftdist.observe import advice, evaluation, forgetting, metrics_log, progress, samples, step_metrics
 
 register_configs()
 
@@ -44,6 +44,7 @@ class RunData:
     kept: dict  # what was kept of each source (resume_check.data_summary)
     mix: list  # the realised mix, as logged
     max_steps: int
+    probe: Optional[forgetting.ForgettingProbe] = None  # data.forgetting_probe's prompts, checked with the data
 
 
 def run(cfg: SFTConfig, *, peft_was_chosen: bool = False) -> Path:
@@ -135,7 +136,9 @@ def build_data(cfg: SFTConfig, tokenizer, resume_from: Optional[Path], settings:
                                          max_length=t.max_length)
     mix = startup.log_data_report(data, schedule)
     max_steps = t.max_steps if t.max_steps > 0 else schedule.steps_for_epochs(t.epochs)
-    return RunData(data, schedule, kept, mix, max_steps)
+    probe = forgetting.build_probe(cfg.data, pretrained=bool(cfg.model.name_or_path), tokenizer=tokenizer,
+                                   synced=cfg.parallelism.zero_stage == 3 and distributed.world_size() > 1)
+    return RunData(data, schedule, kept, mix, max_steps, probe)
 
 
 def fp32_grad_accum(ds_config: dict) -> bool:
@@ -219,7 +222,10 @@ def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_
             "(give a source eval_fraction or eval_path, or set logging.sample_prompts)")
     evals = evaluation.EvalPlan(t.eval_every, t.eval_at_start, tracker, data.has_eval(), t.micro_batch_size,
                                 tokenizer.pad_token_id, prompts, tokenizer, cfg.logging.sample_max_new_tokens,
-                                synced=cfg.parallelism.zero_stage == 3 and world > 1)
+                                synced=cfg.parallelism.zero_stage == 3 and world > 1, probe=prepared.probe,
+                                lora=cfg.peft.method != "none")
+    if prepared.probe is not None:
+        prepared.probe.load_state(tracker.probe_base)
     metrics = metrics_log.MetricsLogger(run_dir, cfg.logging, cfg.run_name or run_dir.name,
                                         OmegaConf.to_container(OmegaConf.structured(cfg)),
                                         saved.get("wandb_id") if own_checkpoint(run_dir, resume_from) else None)

@@ -102,6 +102,12 @@ class DataConfig:
     near_dup_threshold: float = 0.8  # data.dedup=near: Jaccard similarity of reply word 3-grams
     min_reply_tokens: int = 0  # drop records with a trained reply under this many tokens (0 = off)
     drop_cut_replies: bool = False  # drop records with a reply that looks cut off (see sftdist-data quality)
+    # General prompts never trained on, answered at step 0 and at every eval to measure forgetting
+    # (forgetting/kl, forgetting/answer_agreement): auto (the built-in set for a pretrained model; off for one
+    # built from scratch) | builtin | none | a file of prompts ({"prompt": ...} or {"messages": [...]} records)
+    forgetting_probe: str = "auto"
+    forgetting_probe_min_agreement: float = 0.8  # warn when a smaller share of probe answers match the base's
+    forgetting_probe_max_new_tokens: int = 32  # tokens of each probe answer (greedy)
 
     def __post_init__(self) -> None:
         check_choice("data.train_on", self.train_on, TRAIN_ON)
@@ -114,6 +120,10 @@ class DataConfig:
         if not 0.0 < self.near_dup_threshold <= 1.0:
             raise ConfigError(f"data.near_dup_threshold={self.near_dup_threshold} must be in (0, 1]")
         check_positive("data.min_reply_tokens", self.min_reply_tokens, allow_zero=True)
+        if not 0.0 <= self.forgetting_probe_min_agreement <= 1.0:
+            raise ConfigError(f"data.forgetting_probe_min_agreement={self.forgetting_probe_min_agreement} must be "
+                              f"in [0, 1]")
+        check_positive("data.forgetting_probe_max_new_tokens", self.forgetting_probe_max_new_tokens)
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: names must be unique, got {names}")
@@ -215,7 +225,9 @@ class TrainConfig:
 
     max_steps: int = -1  # optimizer steps; -1 = derive from epochs
     epochs: float = 1.0  # passes over the mixed data when max_steps = -1
-    lr: float = 2e-5  # peak learning rate
+    # peak learning rate; null = by what is trained (default_lr): 2e-5 full fine-tuning, 2e-4 LoRA/QLoRA of a
+    # pretrained model, 3e-3 for a model built from scratch (model.from_config, e.g. the demo's tiny model)
+    lr: Optional[float] = None
     schedule: str = "cosine"  # cosine | linear | constant, after warmup
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # fraction of max_steps, used when warmup_steps = 0
@@ -249,7 +261,8 @@ class TrainConfig:
         check_choice("train.schedule", self.schedule, SCHEDULES)
         check_choice("train.lm_head", self.lm_head, ("supervised", "full"))
         check_positive("train.loss_chunk_tokens", self.loss_chunk_tokens)
-        check_positive("train.lr", self.lr)
+        if self.lr is not None:
+            check_positive("train.lr", self.lr)
         check_positive("train.micro_batch_size", self.micro_batch_size)
         check_positive("train.global_batch_size", self.global_batch_size)
         check_positive("train.max_length", self.max_length)
@@ -315,6 +328,34 @@ class SFTConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     output_dir: str = "???"  # the run directory, shared by all ranks
     run_name: Optional[str] = None  # W&B run name; defaults to the output_dir's basename
+
+    def __post_init__(self) -> None:
+        if self.train.lr is None:  # written resolved to the run's config.yaml, so a resume keeps it
+            self.train.lr = default_lr(self.model, self.peft)
+
+
+# The usual peak rates of each kind of run (train.lr=null picks one). Full fine-tuning moves every weight of a
+# pretrained model, so SFT keeps it small (1e-5 to 5e-5); a LoRA adapter starts at zero with few parameters and
+# needs ~10x that; a model trained from scratch (random init) learns at pre-training rates.
+FULL_FT_LR = 2e-5
+LORA_LR = 2e-4
+FROM_SCRATCH_LR = 3e-3
+
+
+def default_lr(model: ModelConfig, peft: PeftConfig) -> float:
+    """The peak learning rate of ``train.lr=null``: by what is trained.
+
+    Example:
+        >>> default_lr(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct"), PeftConfig())
+        2e-05
+        >>> default_lr(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct"), PeftConfig(method="lora"))
+        0.0002
+        >>> default_lr(ModelConfig(from_config={"model_type": "llama"}, tokenizer="gpt2"), PeftConfig("lora"))
+        0.003
+    """
+    if model.from_config and not model.name_or_path:
+        return FROM_SCRATCH_LR
+    return LORA_LR if peft.method != "none" else FULL_FT_LR
 
 
 def grad_accum_steps(train: TrainConfig, dp_world: int) -> int:

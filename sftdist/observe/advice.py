@@ -3,8 +3,10 @@
 - A pretrained model (``model.name_or_path``) fully fine-tuned without a ``peft`` choice gets the memory
   its full fine-tune needs per rank, from ``sftdist-plan``'s arithmetic, beside the LoRA figure, and on
   fewer than 8 GPUs the advice that LoRA is the default choice there.
-- A full fine-tune of a pretrained model with ``train.lr`` above 1e-4 gets a warning naming the usual SFT
-  range: pre-training rates overwrite what the model already knows.
+- A pretrained model trained at a high ``train.lr`` gets a warning with the number and the usual range:
+  above 1e-4 for full fine-tuning (pre-training rates overwrite what the model already knows), above 5e-4
+  for LoRA/QLoRA (the adapter's update then swamps the base: a 135M chat model lost "the capital of France is
+  Paris" in 30 LoRA steps at 3e-3).
 """
 
 from __future__ import annotations
@@ -15,26 +17,40 @@ from sftdist.config import PeftConfig, SFTConfig
 from sftdist.engine.memory_plan import GIB, ModelShape, Setup, model_states
 
 FULL_FT_LR_MAX = 1e-4  # above this a full fine-tune of a pretrained model is likely to forget
+LORA_LR_MAX = 5e-4  # LoRA's usual range is 1e-4 to 3e-4 (QLoRA: 1e-4 to 2e-4); above this it forgets too
 LORA_BELOW_WORLD = 8  # fewer GPUs than a node: LoRA is the practical default
 
 
 def lr_warning(cfg: SFTConfig) -> Optional[str]:
-    """A warning for a full fine-tune of a pretrained model with an lr above ``FULL_FT_LR_MAX``; None else.
+    """A warning for a pretrained model trained at an lr above the usual range of its method (full
+    fine-tuning: ``FULL_FT_LR_MAX``, LoRA/QLoRA: ``LORA_LR_MAX``); None else, and for a model built from
+    scratch.
 
     Example:
         >>> cfg = SFTConfig()
         >>> cfg.model.name_or_path, cfg.train.lr = "Qwen/Qwen2.5-7B-Instruct", 3e-4
         >>> print(lr_warning(cfg))
         warning: train.lr=0.0003 is high for full fine-tuning of a pretrained model (Qwen/Qwen2.5-7B-Instruct): SFT usually uses 1e-5 to 5e-5 (recipe=full_zero3: 1e-5), or LoRA at 1e-4 to 2e-4 (recipe=lora_single_gpu)
-        >>> cfg.train.lr = 2e-5
+        >>> cfg.peft.method, cfg.train.lr = "lora", 3e-3
+        >>> print(lr_warning(cfg))
+        warning: train.lr=0.003 is high for LoRA of a pretrained model (Qwen/Qwen2.5-7B-Instruct): LoRA usually uses 1e-4 to 3e-4 (recipe=lora_single_gpu: 2e-4); above 0.0005 the model forgets what it knew (watch forgetting/answer_agreement)
+        >>> cfg.train.lr = 2e-4
         >>> lr_warning(cfg) is None
         True
     """
-    if cfg.peft.method != "none" or not cfg.model.name_or_path or cfg.train.lr <= FULL_FT_LR_MAX:
+    if not cfg.model.name_or_path:
         return None
-    return (f"warning: train.lr={cfg.train.lr:g} is high for full fine-tuning of a pretrained model "
-            f"({cfg.model.name_or_path}): SFT usually uses 1e-5 to 5e-5 (recipe=full_zero3: 1e-5), or LoRA at "
-            f"1e-4 to 2e-4 (recipe=lora_single_gpu)")
+    lr, name = cfg.train.lr, cfg.model.name_or_path
+    if cfg.peft.method == "none" and lr > FULL_FT_LR_MAX:
+        return (f"warning: train.lr={lr:g} is high for full fine-tuning of a pretrained model ({name}): SFT "
+                f"usually uses 1e-5 to 5e-5 (recipe=full_zero3: 1e-5), or LoRA at 1e-4 to 2e-4 "
+                f"(recipe=lora_single_gpu)")
+    if cfg.peft.method != "none" and lr > LORA_LR_MAX:
+        method = "QLoRA" if cfg.peft.method == "qlora" else "LoRA"
+        return (f"warning: train.lr={lr:g} is high for {method} of a pretrained model ({name}): {method} usually "
+                f"uses 1e-4 to 3e-4 (recipe=lora_single_gpu: 2e-4); above {LORA_LR_MAX:g} the model forgets what "
+                f"it knew (watch forgetting/answer_agreement)")
+    return None
 
 
 def _states(shape: ModelShape, setup: Setup) -> str:

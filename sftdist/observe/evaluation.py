@@ -3,7 +3,10 @@
 Every eval pass gives ``eval_loss`` and ``eval_loss/<source>`` (token-weighted, over every source's eval
 split). The pass before the first step is the baseline: later passes add ``eval_loss_delta`` and
 ``eval_loss_delta/<source>``, their change since step 0. For a generic (replay) source that change is the
-forgetting curve: a rise means the model is losing general ability while it learns the task.
+forgetting curve: a rise means the model is losing general ability while it learns the task. It cannot show
+everything: training on the replay set also improves its held-out loss. The forgetting probe
+(``forgetting.py``: ``forgetting/kl``, ``forgetting/answer_agreement``) compares answers to prompts that are never
+trained on with the base model's.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from sftdist.config import EarlyStoppingConfig
 from sftdist.data.build import TrainData, make_batch
 from sftdist.data.tokenize import IGNORE_INDEX
-from sftdist.engine.distributed import all_reduce_sum, device, rank, world_size
+from sftdist.engine.distributed import all_reduce_sum, device, log, rank, world_size
 from sftdist.engine.forward import LossHead
 from sftdist.engine.loss import per_source_sums
 
@@ -96,6 +99,7 @@ class EvalTracker:
     best_value: Optional[float] = None
     best_step: Optional[int] = None
     evals_since_best: int = 0
+    probe_base: Optional[dict] = None  # the forgetting probe's record of the base model (ForgettingProbe.state)
 
     @classmethod
     def from_state(cls, early: EarlyStoppingConfig, state: Optional[dict]) -> "EvalTracker":
@@ -103,11 +107,13 @@ class EvalTracker:
         state = state or {}
         keep = state.get("early_stopping_metric") == early.metric  # a changed metric starts its count over
         return cls(early, dict(state.get("baseline", {})), state.get("best_value") if keep else None,
-                   state.get("best_step") if keep else None, state.get("evals_since_best", 0) if keep else 0)
+                   state.get("best_step") if keep else None, state.get("evals_since_best", 0) if keep else 0,
+                   state.get("forgetting_probe"))
 
     def state(self) -> dict:
         return {"baseline": self.baseline, "early_stopping_metric": self.early.metric, "best_value": self.best_value,
-                "best_step": self.best_step, "evals_since_best": self.evals_since_best}
+                "best_step": self.best_step, "evals_since_best": self.evals_since_best,
+                **({"forgetting_probe": self.probe_base} if self.probe_base else {})}
 
     @property
     def enabled(self) -> bool:
@@ -147,7 +153,8 @@ class EvalTracker:
 @dataclass
 class EvalPlan:
     """When the loop evaluates, and what an eval pass does: losses on the eval splits (when there are any),
-    their deltas since step 0 and the early-stopping verdict, and sample generations (``logging.samples``)."""
+    their deltas since step 0 and the early-stopping verdict, the forgetting probe (``data.forgetting_probe``),
+    and sample generations (``logging.samples``)."""
 
     every: int  # train.eval_every (0: only after the last step)
     at_start: bool  # also before the first step: the baseline
@@ -159,13 +166,15 @@ class EvalPlan:
     tokenizer: object = None
     sample_tokens: int = 64
     synced: bool = False  # generation keeps ranks in step (ZeRO-3 on several ranks)
+    probe: object = None  # forgetting.ForgettingProbe, when data.forgetting_probe gives prompts
+    lora: bool = False  # an adapter is trained: the probe's base is the model with it disabled
 
     def due(self, step: int, last: bool) -> bool:
         """Is there an eval pass after optimizer step ``step`` (1-based; 0 = before training)?"""
-        if not (self.has_eval or self.prompts):
+        if not (self.has_eval or self.prompts or self.probe):
             return False
-        if step == 0:
-            return self.at_start
+        if step == 0:  # the probe records the base model before the first step, even without a step-0 eval
+            return self.at_start or (self.probe is not None and self.probe.base is None)
         return last or bool(self.every and step % self.every == 0)
 
     def run(self, engine, data: TrainData, head: LossHead, *, step: int, metrics) -> tuple[dict, bool, Optional[str]]:
@@ -174,14 +183,31 @@ class EvalPlan:
 
         row: dict = {}
         improved, stop = False, None
-        if self.has_eval:
+        evaluating = step > 0 or self.at_start
+        if self.has_eval and evaluating:
             row = evaluate(engine, data, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id, head=head)
             if step == 0:
                 row |= self.tracker.set_baseline(row)
             else:
                 deltas, improved, stop = self.tracker.observe(step, row)
                 row |= deltas
-        if self.prompts:
+        if self.probe is not None:
+            row |= self.run_probe(engine, step, metrics)
+        if self.prompts and evaluating:
             metrics.write_samples(generate_samples(engine, self.tokenizer, self.prompts, step=step,
                                                    max_new_tokens=self.sample_tokens, synced=self.synced))
         return row, improved, stop
+
+    def run_probe(self, engine, step: int, metrics) -> dict[str, float]:
+        """The forgetting probe's metrics after ``step``; its answers go to ``forgetting_probe.jsonl``."""
+        model = getattr(engine, "module", engine)
+        was_training = model.training
+        model.eval()  # no dropout in the answers or the distributions
+        with torch.random.fork_rng(devices=[]):  # the probe must not move the training RNG
+            entries, rows, note = self.probe.run(model, step, lora=self.lora)
+        model.train(was_training)
+        self.tracker.probe_base = self.probe.state()
+        metrics.write_probe_answers(rows)
+        if note:
+            log(note)
+        return entries

@@ -108,6 +108,13 @@ class MetricsLogger:
             table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in self._samples])
             self._wandb.log({"samples": table}, step=rows[0]["step"])
 
+    def write_probe_answers(self, rows: list[dict]) -> None:
+        """Append the forgetting probe's answers of one eval to ``forgetting_probe.jsonl``."""
+        if not self.enabled or not rows:
+            return
+        with open(self._run_dir / "forgetting_probe.jsonl", "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
     def close(self) -> None:
         """Close the files and finish the W&B run; a second call does nothing."""
         if self._file:

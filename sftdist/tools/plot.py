@@ -7,7 +7,8 @@ Several run directories overlay on the same figures, one colour per run, labelle
 Figures, each skipped (with a note on stderr) when no run logged what it shows:
   loss.png        train loss per step, overall and per source (faint: raw; bold: centred moving average)
   eval_loss.png   eval loss, overall and per source, including the step-0 baseline
-  forgetting.png  change of each generic source's eval loss since step 0 (all sources if none is generic)
+  forgetting.png  the forgetting probe's drift from the base model (answer agreement, KL), and the change of each
+                  generic source's eval loss since step 0 (all sources if none is generic)
   lr.png          learning rate
   throughput.png  tokens/s, supervised tokens/s and step time (faint: raw; bold: rolling median)
   mfu.png         model FLOPs utilisation, in percent of peak (mfu is logged as a fraction)
@@ -249,11 +250,22 @@ def eval_loss_delta(run: Run, source: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+def probe_panels(runs: list[Run]) -> list[Panel]:
+    """The forgetting probe's two curves (``forgetting/answer_agreement``, ``forgetting/kl``), where logged."""
+    panels = [key_panel(runs, "forgetting/answer_agreement", "probe answers that match the base model's",
+                        "share of probe answers", marker="o"),
+              key_panel(runs, "forgetting/kl", "probe drift: KL(base || tuned) per answer token", "nats",
+                        marker="o")]
+    return [panel for panel in panels if panel.lines]
+
+
 def forgetting_figure(runs: list[Run]) -> Figure:
-    """Each run's generic sources' eval-loss change since step 0; every evaluated source's where none of a
-    run's sources is generic (the title and panel titles say which)."""
+    """The forgetting probe's drift from the base model, then each run's generic sources' eval-loss change
+    since step 0; every evaluated source's where none of a run's sources is generic (the title and panel
+    titles say which)."""
     chosen = {run.label: run.generic or source_names([run], "eval_loss") for run in runs}
-    panels = []
+    panels = probe_panels(runs)
+    probed = bool(panels)
     for source in dict.fromkeys(s for run in runs for s in chosen[run.label]):
         lines = [Line(run.label, run.color, *eval_loss_delta(run, source), marker="o")
                  for run in runs if source in chosen[run.label]]
@@ -264,7 +276,9 @@ def forgetting_figure(runs: list[Run]) -> Figure:
     notes = [f"{run.label}: no forgetting curve (no step-0 eval of {', '.join(chosen[run.label])})"
              if chosen[run.label] else f"{run.label}: no forgetting curve (no per-source eval loss)"
              for run in runs if run not in plotted]
-    if plotted and all(run.generic for run in plotted):
+    if probed:
+        title = "Forgetting: drift from the base model on the probe prompts, and eval loss change since step 0"
+    elif plotted and all(run.generic for run in plotted):
         title = "Forgetting: generic sources' eval loss change since step 0 (above 0: forgotten)"
     elif any(run.generic for run in plotted):
         title = "Eval loss change since step 0: generic sources (all sources for runs with none generic)"

@@ -183,6 +183,7 @@ def summarize(point: Point, keys: list[str]) -> dict[str, Any]:
     speeds = [r["tokens_per_sec"] for r in rows if isinstance(r.get("tokens_per_sec"), (int, float))]
     elapsed = [r["elapsed_s"] for r in rows if isinstance(r.get("elapsed_s"), (int, float))]
     max_steps = point.config.get("train.max_steps")
+    probe = last_of([r for r in rows if r["step"] > 0], "forgetting/answer_agreement")
     return {"point": point.name, **{k: override_value(point, k) for k in keys}, "status": point.status,
             "steps_done": rows[-1]["step"] if rows else None,
             "max_steps": max_steps if isinstance(max_steps, int) and max_steps > 0 else None,
@@ -191,6 +192,8 @@ def summarize(point: Point, keys: list[str]) -> dict[str, Any]:
             "best_eval_step": best["step"] if best else None,
             "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
             "final_eval_step": final_eval["step"] if final_eval else None,
+            "final_answer_agreement": probe["forgetting/answer_agreement"] if probe else None,
+            "final_forgetting_kl": probe.get("forgetting/kl") if probe else None,
             "mean_tokens_per_sec": sum(speeds) / len(speeds) if speeds else None,
             "wall_time_s": wall_time(elapsed) if elapsed else None, "note": point.note}
 
@@ -259,6 +262,8 @@ def markdown_columns(keys: list[str]) -> list[tuple[str, Callable[[dict[str, Any
             ("final train loss (last step)", lambda r: number_text(r["final_train_loss"])),
             ("best eval loss (step)", lambda r: eval_text(r["best_eval_loss"], r["best_eval_step"])),
             ("final eval loss (step)", lambda r: eval_text(r["final_eval_loss"], r["final_eval_step"])),
+            ("probe answers kept (forgetting)", lambda r: number_text(r["final_answer_agreement"], ".0%")),
+            ("probe KL from base", lambda r: number_text(r["final_forgetting_kl"], ".3f")),
             ("mean tokens/s (over steps)", lambda r: number_text(r["mean_tokens_per_sec"], ",.0f")),
             ("wall time", lambda r: duration_text(r["wall_time_s"])), ("note", lambda r: r["note"])]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from sftdist.config import compose_config as typed
 from tests.conftest import FAST, compose, train_single
 
 
@@ -28,7 +29,17 @@ def test_each_recipe_sets_what_its_comment_says():
                                                                            ("generic", 0.5, True)]
     assert (replay.data.mix_by, replay.data.packing) == ("tokens", True)
     assert replay.peft.method == compose([]).peft.method  # a data recipe leaves the training setup alone
-    assert compose([]).train.lr == 3e-3  # no recipe: the demo defaults
+    assert compose([]).train.lr is None and typed([]).train.lr == 3e-3  # the demo's tiny model: from scratch
+
+
+def test_defaults_fit_a_real_model_and_the_demo_keeps_its_rate():
+    """train.lr follows what is trained (a LoRA user who only names a model must not train at the demo's
+    3e-3, #25), max_length fits real chats, and a value on the command line still wins."""
+    named = ["model.name_or_path=/models/SmolLM2-135M-Instruct"]  # on the tiny preset: prefer_named_model
+    assert [typed(o).train.lr for o in (named, [*named, "peft=lora"], ["model=qwen2_5_0_5b", "peft=qlora"],
+                                         ["model=qwen2_5_0_5b"], [*named, "peft=lora", "train.lr=1e-4"])] == \
+        [2e-5, 2e-4, 2e-4, 2e-5, 1e-4]
+    assert typed(named).train.max_length == typed([]).train.max_length == 2048
 
 
 def test_command_line_beats_the_recipe_and_recipes_combine():

@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 from tests.conftest import FAST, read_metrics, run_cmd, train_single, train_torchrun
 
 SIX = [*FAST, "train.max_steps=6", "train.lr=1e-2"]
+# The forgetting probe's base record travels in the checkpoint: a resumed run measures against the same base
+PROBE = ["data.forgetting_probe=builtin", "data.forgetting_probe_max_new_tokens=8"]
 CASES = {  # name: (processes, overrides)
     "zero2_full": (1, ["parallelism=zero2"]),
-    "zero3_full": (2, ["parallelism=zero3"]),
-    "zero2_lora": (1, ["parallelism=zero2", "peft=lora", "peft.dropout=0.1"]),
+    "zero3_full": (2, ["parallelism=zero3", *PROBE]),
+    "zero2_lora": (1, ["parallelism=zero2", "peft=lora", "peft.dropout=0.1", *PROBE]),
     "zero3_lora": (2, ["parallelism=zero3", "peft=lora", "peft.dropout=0.1"]),
 }
 
@@ -50,6 +52,11 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, case):
     assert [r["step"] for r in got] == list(range(1, 7))  # one uninterrupted-looking history
     assert [r["loss"] for r in got] == [r["loss"] for r in want]  # bit for bit
     assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    if PROBE[0] in overrides:
+        keys = ("forgetting/kl", "forgetting/answer_agreement")
+        assert [got[-1][k] for k in keys] == [want[-1][k] for k in keys] and got[-1]["forgetting/kl"] > 0
+        saved = json.loads((parts / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+        assert len(saved["eval"]["forgetting_probe"]["answers"]) == 16 and "no forgetting probe" not in second.stdout
     a, b = final_weights(parts), final_weights(whole)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if "lora" in case:  # the adapter holds trained values, not empty ZeRO-3 placeholders

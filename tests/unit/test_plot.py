@@ -174,6 +174,22 @@ def test_forgetting_shows_the_generic_source_only(two_runs, capsys):
     assert figure.notes == ["lr1e-4-old: no forgetting curve (no step-0 eval of web)"]
 
 
+def test_forgetting_leads_with_the_probe_drift_when_logged(tmp_path, capsys):
+    rows = metric_rows()
+    for r in rows:
+        if "eval_loss" in r:  # agreement falls from 1 as the KL rises
+            r |= {"forgetting/kl": 0.01 * r["step"], "forgetting/answer_agreement": 1 - r["step"] / 120}
+    (run,) = load([write_run(tmp_path / "probed", rows)])
+    figure = forgetting_figure([run])
+    assert [p.title for p in figure.panels][:2] == ["probe answers that match the base model's",
+                                                    "probe drift: KL(base || tuned) per answer token"]
+    agreement = figure.panels[0].lines[0]
+    assert agreement.steps == [0, 10, 20, 30, 40, 50, 60] and agreement.values[-1] == pytest.approx(0.5)
+    assert figure.title.startswith("Forgetting: drift from the base model")
+    plot.main([str(tmp_path / "probed")])
+    assert_valid_png(tmp_path / "probed" / "plots" / "forgetting.png")
+
+
 def test_forgetting_delta_is_computed_from_the_step_0_baseline_when_not_logged(tmp_path):
     rows = [{k: v for k, v in r.items() if "delta" not in k} for r in metric_rows()]
     (run,) = load([write_run(tmp_path / "no_deltas", rows)])

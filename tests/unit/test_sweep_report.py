@@ -26,8 +26,9 @@ def metric_rows(steps: int, *, lr: float, evals: dict[int, float], elapsed: list
     for s in range(1, steps + 1):
         row = {"step": s, "loss": 3.0 - lr * 1e3 * s, "lr": lr, "tokens": 512,
                "tokens_per_sec": 1000.0 + 10 * s, "elapsed_s": elapsed[s - 1], "loss/demo": 3.0}
-        if s in evals:
-            row |= {"eval_loss": evals[s], "eval_loss/demo": evals[s]}
+        if s in evals:  # a larger lr forgets more: fewer probe answers kept, more drift
+            row |= {"eval_loss": evals[s], "eval_loss/demo": evals[s],
+                    "forgetting/answer_agreement": 1 - lr * 1e3 * s / 10, "forgetting/kl": lr * 1e3 * s}
         rows.append(row)
     return rows
 
@@ -113,7 +114,9 @@ def test_csv_has_one_row_per_point_with_the_swept_value_and_the_numbers(sweep, c
         assert float(rows[p]["best_eval_loss"]) == pytest.approx(evals[best_step])
         assert int(rows[p]["best_eval_step"]) == best_step
         assert float(rows[p]["final_eval_loss"]) == pytest.approx(evals[max(evals)])
-    assert rows["5"]["best_eval_loss"] == rows["5"]["final_eval_loss"] == ""
+        assert float(rows[p]["final_answer_agreement"]) == pytest.approx(1 - LRS[p] * 1e3 * max(evals) / 10)
+        assert float(rows[p]["final_forgetting_kl"]) == pytest.approx(LRS[p] * 1e3 * max(evals))
+    assert rows["5"]["best_eval_loss"] == rows["5"]["final_eval_loss"] == rows["5"]["final_answer_agreement"] == ""
     assert float(rows["0"]["wall_time_s"]) == pytest.approx(RESUMED_ELAPSED[4] + RESUMED_ELAPSED[-1])
     assert float(rows["1"]["wall_time_s"]) == pytest.approx(2.0 * 10)
 
@@ -137,7 +140,7 @@ def test_markdown_table_is_written_and_printed(sweep, capsys):
     assert len(table) == 2 + len(LRS)
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:3] == ["point", "train.lr", "status"]
-    assert any("last step" in h for h in header)
+    assert any("last step" in h for h in header) and "probe answers kept (forgetting)" in header
     cells = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in table[2:])}
     assert cells["3"][2] == "unfinished" and f"6/{MAX_STEPS}" in cells["3"]
     assert cells["4"][2] == "failed"
