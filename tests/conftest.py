@@ -47,8 +47,8 @@ def pytest_configure(config):
 
 
 # Test modules by wall time in a clean-clone `make test`, longest first (see tests/README.md).
-LONGEST_MODULES = ("dist/test_dead_rank.py", "smoke/test_faults.py", "smoke/test_extension_dirs.py",
-                   "smoke/test_resume.py", "smoke/test_train_cpu.py", "dist/test_resume_world_sizes.py",
+LONGEST_MODULES = ("dist/test_dead_rank.py", "smoke/test_real_model.py", "smoke/test_faults.py",
+                   "smoke/test_extension_dirs.py", "smoke/test_resume.py", "smoke/test_train_cpu.py", "dist/test_resume_world_sizes.py",
                    "dist/test_loss_equivalence.py", "smoke/test_resume_semantics.py", "dist/test_stop_signals.py")
 
 
