@@ -42,6 +42,8 @@ def build_ds_config(parallel: ParallelConfig, train: TrainConfig, *, dp_world: i
     Returns:
         A dict for ``deepspeed.initialize(config=...)``.
     """
+    if train.lr is None:  # a TrainConfig made on its own: only SFTConfig knows what is trained
+        raise ValueError("train.lr is unresolved: SFTConfig resolves train.lr=null (schema.default_lr), or set it")
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
     if parallel.zero_stage > 0:
         zero.update(overlap_comm=parallel.overlap_comm, contiguous_gradients=parallel.contiguous_gradients,

@@ -32,7 +32,7 @@ def prebuild() -> list[str]:
                            ("zero3_offload", ParallelConfig(zero_stage=3, offload_optimizer=True,
                                                             offload_params=True))):  # cpu_adam
         model = torch.nn.Linear(8, 8)
-        ds_config = build_ds_config(parallel, TrainConfig(micro_batch_size=1, global_batch_size=1), dp_world=1,
+        ds_config = build_ds_config(parallel, TrainConfig(micro_batch_size=1, global_batch_size=1, lr=1e-5), dp_world=1,
                                     precision="fp32", gpu=False)
         wrap_with_deepspeed(model, [{"params": list(model.parameters())}], ds_config, lambda step: 1.0)
         started.append(name)

@@ -50,7 +50,7 @@ def test_preset_gives_expected_ds_config(preset):
 
 def test_cpu_fp32_nvme_and_no_clipping():
     parallel = ParallelConfig(zero_stage=3, offload_optimizer=True, nvme_path="/local/nvme")
-    got = build_ds_config(parallel, TrainConfig(micro_batch_size=1, global_batch_size=2, grad_clip=0.0),
+    got = build_ds_config(parallel, TrainConfig(micro_batch_size=1, global_batch_size=2, grad_clip=0.0, lr=1e-4),
                           dp_world=1, precision="fp32", gpu=False)
     assert got["bf16"] == {"enabled": False} and got["fp16"]["enabled"] is False
     assert got["gradient_accumulation_steps"] == 2 and got["gradient_clipping"] == 0.0
@@ -85,7 +85,7 @@ ENGINES = textwrap.dedent('''
     out = {}
     for stage in (1, 2, 3):
         model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
-        ds_config = build_ds_config(ParallelConfig(zero_stage=stage), TrainConfig(micro_batch_size=1, global_batch_size=4),
+        ds_config = build_ds_config(ParallelConfig(zero_stage=stage), TrainConfig(micro_batch_size=1, global_batch_size=4, lr=1e-4),
                                     dp_world=1, precision="bf16", gpu=False)
         engine = wrap_with_deepspeed(model, [{"params": list(model.parameters())}], ds_config, lambda s: 1.0)
         out[stage] = [type(engine.optimizer).__name__, str(engine.get_data_types()[1]),
