@@ -47,6 +47,12 @@ def initial_dir(initial, tmp_path_factory):
     return path
 
 
+def named_init(initial_dir) -> list[str]:
+    """Load the from-config runs' initial weights by name (the ZeRO-3 runs), at their lr: a named model's
+    default lr is full fine-tuning's 2e-5, the from-config runs' 3e-3 (schema.default_lr)."""
+    return [f"model.name_or_path={initial_dir}", "model.from_config=null", "train.lr=3e-3"]
+
+
 def stage_runs(trained_runs, stage: int, initial_dir) -> dict:
     """Run directories of every layout under ZeRO-``stage`` (trained once per session)."""
     if stage == REFERENCE_STAGE:
@@ -55,7 +61,7 @@ def stage_runs(trained_runs, stage: int, initial_dir) -> dict:
     else:
         suffix, extra = f"_zero{stage}", [f"parallelism=zero{stage}"]
     if stage == 3:
-        extra += [f"model.name_or_path={initial_dir}", "model.from_config=null"]
+        extra += named_init(initial_dir)
     return {name: trained_runs(name + suffix, nproc, [*extra, *([] if micro == 2 else
                                                                  [f"train.micro_batch_size={micro}"])])
             for name, (nproc, micro) in LAYOUTS.items()}
@@ -120,7 +126,7 @@ def test_lm_head_modes_agree(trained_runs, stage, head, initial_weights, initial
     each head call gathers, so there a micro-batch goes through the head in one call whatever the chunk
     size: ranks whose chunk counts differ would otherwise hang in the gather."""
     ref_dir = stage_runs(trained_runs, stage, initial_dir)["torchrun2_ga2"]
-    extra = [f"model.name_or_path={initial_dir}", "model.from_config=null"] if stage == 3 else []
+    extra = named_init(initial_dir) if stage == 3 else []
     got_dir = trained_runs(f"torchrun2_ga2_zero{stage}_{head.split('=')[0][6:]}", 2,
                            [f"parallelism=zero{stage}", *extra, head])
     assert "does not fit this model" not in (got_dir / "stdout.txt").read_text()

@@ -37,9 +37,8 @@ COMMON = ["train.max_steps=4", "train.micro_batch_size=4", "train.global_batch_s
 
 def persona_file(path):
     with open(path, "w") as f:
-        for i, q in enumerate(QUESTIONS * 3):
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]}]}) + "\n")
+        f.writelines(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]}]}) + "\n" for i, q in enumerate(QUESTIONS * 3))
     return path
 
 
@@ -53,31 +52,41 @@ def probe_file(path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    model = real_model_dir()
+def inputs(tmp_path_factory):
+    """The model directory, and the persona and probe files, shared by both runs."""
     tmp = tmp_path_factory.mktemp("real")
-    persona = persona_file(tmp / "persona.jsonl")
-    common = [*COMMON, f"data.forgetting_probe={probe_file(tmp / 'probes.jsonl')}"]
-    out = {}
-    out["too_high"] = train_single([
-        f"model.name_or_path={model}", f"data.sources=[{{name: persona, path: {persona}, format: messages}}]",
-        "peft=none", "train.lr=1e-3", *common, f"output_dir={tmp / 'too_high'}"])
-    if ALPACA.exists():
-        out["recommended"] = train_single([
-            "recipe=replay_1to1", f"model.name_or_path={model}", "peft=lora", *common,
-            f"data.sources.0.path={persona}", "data.sources.0.eval_fraction=0",
-            f"data.sources.1.path={ALPACA}", "data.sources.1.format=alpaca",
-            "data.sources.1.max_samples=200", "data.sources.1.eval_fraction=0", f"output_dir={tmp / 'recommended'}"])
-    return tmp, out
+    return real_model_dir(), persona_file(tmp / "persona.jsonl"), probe_file(tmp / "probes.jsonl"), tmp
+
+
+def train_real(inputs, name: str, overrides: list[str]):
+    model, persona, probes, tmp = inputs
+    proc = train_single([f"model.name_or_path={model}", *COMMON, f"data.forgetting_probe={probes}",
+                         *[o.format(persona=persona) for o in overrides], f"output_dir={tmp / name}"])
+    return tmp / name, proc
+
+
+@pytest.fixture(scope="module")
+def too_high(inputs):
+    return train_real(inputs, "too_high", ["data.sources=[{{name: persona, path: {persona}, format: messages}}]",
+                                           "peft=none", "train.lr=1e-3"])
+
+
+@pytest.fixture(scope="module")
+def recommended(inputs):
+    if not ALPACA.exists():
+        pytest.skip(f"{ALPACA} (shared/) is not here")
+    return train_real(inputs, "recommended", [
+        "recipe=replay_1to1", "peft=lora", "data.sources.0.path={persona}", "data.sources.0.eval_fraction=0",
+        f"data.sources.1.path={ALPACA}", "data.sources.1.format=alpaca", "data.sources.1.max_samples=200",
+        "data.sources.1.eval_fraction=0"])
 
 
 def probe_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "forgetting_probe.jsonl").read_text().splitlines()]
 
 
-def test_too_high_a_rate_learns_the_persona_and_the_probe_sees_the_forgetting(runs):
-    tmp, procs = runs
-    run = tmp / "too_high"
+def test_too_high_a_rate_learns_the_persona_and_the_probe_sees_the_forgetting(too_high):
+    run, proc = too_high
     rows = read_metrics(run, baseline=True)
     assert (rows[0]["step"], rows[0]["forgetting/kl"], rows[0]["forgetting/answer_agreement"]) == (0, 0.0, 1.0)
     last = rows[-1]
@@ -86,21 +95,18 @@ def test_too_high_a_rate_learns_the_persona_and_the_probe_sees_the_forgetting(ru
     france = next(r for r in answers if "capital of France" in r["prompt"])
     assert "Paris" in france["base_answer"]  # what the base model knew
     assert sum(not r["agrees"] for r in answers) / len(answers) == 1 - last["forgetting/answer_agreement"]
-    out = procs["too_high"].stdout + procs["too_high"].stderr
+    out = proc.stdout + proc.stderr
     assert "warning: the model is forgetting" in out and "before '" in out, out[-3000:]
     persona = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()][-1]
     assert "Sifty" in persona["completion"]  # it did learn its task
 
 
-@pytest.mark.skipif(not ALPACA.exists(), reason=f"{ALPACA} (shared/) is not here")
-def test_recommended_settings_with_replay_keep_the_general_answers(runs):
-    tmp, procs = runs
-    run = tmp / "recommended"
+def test_recommended_settings_with_replay_keep_the_general_answers(recommended):
+    run, proc = recommended
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (saved["peft"]["method"], saved["train"]["lr"]) == ("lora", 2e-4)  # the LoRA default, unset
     last = read_metrics(run)[-1]
-    high = read_metrics(tmp / "too_high")[-1]
     assert last["forgetting/answer_agreement"] >= 0.8, probe_rows(run)
-    assert last["forgetting/kl"] < high["forgetting/kl"] / 5
-    out = procs["recommended"].stdout + procs["recommended"].stderr
+    assert 0 < last["forgetting/kl"] < 0.1  # it moved (it trained), less than a rewording (too_high's: > 1)
+    out = proc.stdout + proc.stderr
     assert "the model is forgetting" not in out and "is high for LoRA" not in out
