@@ -2,11 +2,12 @@
 
 1. Model states: the planner's params + grads + optimizer per rank against the measured 2-rank fp32 CPU runs
    recorded by ``bench/zero_memory.py`` in ``bench/RESULTS.md`` (numbers copied below).
-2. Activations: the planner's Korthikanti et al. estimate against the bytes of the tensors autograd saves
-   for backward (``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, parameters
-   excluded) in one forward of a Llama model (hidden 512, 8 layers, 8 heads / 4 KV heads, intermediate
-   1408) on CPU, fp32, micro-batch 2 x 256 tokens. Under activation checkpointing only the checkpoints'
-   inputs are saved in forward; the layer recomputed in backward is not seen, so that row compares inputs.
+2. Activations: the planner's estimate (``sftdist/engine/activation_memory.py``) against the bytes of the
+   tensors autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``, each storage counted
+   once, parameters excluded) in one forward of a Llama model (hidden 512, 8 layers, 8 heads / 4 KV heads,
+   intermediate 1408) on CPU, fp32, micro-batch 2 x 256 tokens. Under activation checkpointing only the
+   checkpoints' inputs are saved in forward; the layer recomputed in backward is not seen, so that row
+   compares inputs.
 
 Usage (repository root, project venv; ~20 s on 2 cores)::
 
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from sftdist.engine.memory_plan import ModelShape, Setup, activation_bytes, model_states
+from sftdist.engine.activation_memory import activation_bytes
+from sftdist.engine.memory_plan import ModelShape, Setup, model_states
 
 MIB = 2**20
 # bench/RESULTS.md, "ZeRO per-rank memory", run 2026-11-25: params+grads+optimizer MiB (larger rank)
@@ -57,7 +59,7 @@ def activation_rows(b: int = 2, s: int = 256) -> None:
     print("\n| attention | checkpointing | planner MiB | saved in forward MiB | error |")
     print("|---|---|---:|---:|---:|")
     shape = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=8, hidden=512, heads=8,
-                       vocab=1024)
+                       vocab=1024, intermediate=1408)
     for attn in ("sdpa", "eager"):
         for ckpt in (False, True):
             cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,

@@ -308,15 +308,16 @@ def machine() -> str:
             f"{' with uncommitted changes in sftdist/ or conf/' if dirty else ''}.")
 
 
-def write_results(section: str) -> None:
-    """Append this script's section to RESULTS.md, or replace it where an earlier run left one.
+def write_results(section: str, *, begin: str = BEGIN, end: str = END) -> None:
+    """Append a script's section to RESULTS.md, or replace it where an earlier run left one (``begin``/``end``:
+    its markers; this script's by default, ``plan_rss.py`` passes its own).
 
     Other scripts write their own sections of the same file: it is read right before writing, and only the
-    text between this script's markers changes."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
+    text between the script's markers changes."""
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
     text = RESULTS.read_text() if RESULTS.exists() else ""
-    if BEGIN in text and END in text:
-        RESULTS.write_text(re.sub(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", lambda _: block, text,
+    if begin in text and end in text:
+        RESULTS.write_text(re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text,
                                   flags=re.S))
     else:
         with RESULTS.open("a") as f:

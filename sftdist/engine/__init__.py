@@ -7,5 +7,6 @@
 - ``attention``: sdpa per packed document. ``forward``: the forward pass to per-token losses.
 - ``loss``: cross-entropy, per-source sums, the scale for the global supervised-token mean.
 - ``optim``: parameter groups and the learning-rate schedule.
-- ``memory_plan``: per-rank memory from shapes alone (pure arithmetic), and a model's shape from its config.
+- ``memory_plan``: per-rank memory from shapes alone (pure arithmetic), and a model's shape from its config;
+  ``activation_memory``: what a micro-batch's forward keeps for backward (its activation term).
 """

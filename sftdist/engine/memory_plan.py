@@ -36,26 +36,26 @@ optimizer: ZeRO-0 -0.2% (tiny, the table rounds) / 0.0% (llama-h512-l8), ZeRO-2 
 +2.6% / +0.4%;
 the ZeRO-2 gap is a flattened copy of one parameter group at the step, which weighs more on a small model.
 
-Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-Models", eq. 2, no tensor/sequence parallelism): per layer ``s*b*h*(34 + 5*a*s/h)`` bytes in 16-bit, of which
-``5*a*s/h`` is the attention score matrix that sdpa/flash kernels never store. fp32 doubles it. With
-activation checkpointing, each layer keeps its 16-bit input (``2*s*b*h``) and one layer is live in full.
-The formula is for a GPT block with a 4h MLP and dropout. Against the tensors autograd saves in a Llama
-forward (hidden 512, 8 layers, SwiGLU 1408, fp32, 2 x 256 tokens; ``bench/plan_check.py``) it is -16% with
-sdpa and +7% with eager attention; checkpointed layer inputs -20% (8.0 vs 10.0 MiB).
+Beside the model states a rank holds DeepSpeed's gradient-reduction buckets (``bucket_bytes``: on CPU only
+their written pages), what a micro-batch keeps for backward (``sftdist.engine.activation_memory``) and the
+runtime (``runtime_bytes``: on CPU the Python process's own resident set, on a GPU the CUDA context). Against
+the peak RSS of CPU runs of SmolLM2-135M's shape (fp32, 2 x 512 tokens; ``bench/plan_rss.py``) the total is
+within 15%: full fine-tuning ZeRO-2, LoRA ZeRO-2 and full fine-tuning ZeRO-3 on 2 ranks.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from sftdist.config import ConfigError, PeftConfig
 
 GIB = 2**30
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BYTES = 4.127 / 8  # NF4 with double quantisation (bitsandbytes), per parameter
+CPU_RUNTIME_BYTES = 392 * 2**20  # RSS of a rank before its model is built (runtime_bytes)
+CUDA_CONTEXT_BYTES = 287_047_680  # CUDA context with lazy module loading (runtime_bytes)
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,10 @@ class ModelShape:
         largest_module: Parameters of the largest single module (ZeRO-3 gathers one at a time).
         layers, hidden, heads, vocab: ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``,
             ``vocab_size``.
+        intermediate: ``intermediate_size`` of a gated (SwiGLU) MLP; 0 for other MLPs, whose activations
+            follow Korthikanti et al.'s GPT block (``activation_memory``).
+        adapter_inputs, adapter_ranks: LoRA: the input features and the ranks of every adapted linear layer,
+            summed over the model; adapter_dropout: ``peft.dropout``.
     """
 
     params: int
@@ -79,6 +83,10 @@ class ModelShape:
     hidden: int
     heads: int
     vocab: int
+    intermediate: int = 0
+    adapter_inputs: int = 0
+    adapter_ranks: int = 0
+    adapter_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ class Setup:
     offload_optimizer: bool = False
     offload_params: bool = False
     grad_accum_fp32: bool = True  # bf16 + ZeRO 1-3 under grad_accum_dtype=auto
+    device: str = "gpu"  # gpu | cpu: what the run trains on (runtime_bytes, bucket_bytes)
 
 
 def model_states(shape: ModelShape, setup: Setup) -> dict[str, tuple[float, float]]:
@@ -144,100 +153,71 @@ def model_states(shape: ModelShape, setup: Setup) -> dict[str, tuple[float, floa
             "optimizer": (0.0, master + moments) if opt_cpu else (master + moments, 0.0)}
 
 
-def activation_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: str, fused_attention: bool,
-                     checkpointing: bool) -> float:
-    """Activations kept for backward over one micro-batch (Korthikanti et al. 2022, see module docstring).
-
-    Example (2 layers, h=8, a=2, s=4, b=1, bf16): one layer is 4*8*(34 + 5*2*4/8) = 1248 bytes, 1088
-    without the score matrix; checkpointed: 2 * 2*4*8 inputs + one layer.
-        >>> s = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=2, hidden=8, heads=2,
-        ...                vocab=10)
-        >>> [activation_bytes(s, micro_batch=1, seq=4, precision="bf16", fused_attention=f, checkpointing=c)
-        ...  for f, c in ((False, False), (True, False), (True, True))]
-        [2496.0, 2176.0, 1216.0]
-
-    Args:
-        shape: ``layers``, ``hidden`` and ``heads`` are used.
-        micro_batch: Sequences per micro-batch (b).
-        seq: Tokens per sequence, ``train.max_length`` (s).
-        precision: Activation dtype: ``fp32`` doubles the 16-bit figure.
-        fused_attention: sdpa/flash attention, which never stores the ``a*s^2`` score matrix.
-        checkpointing: ``parallelism.activation_checkpointing``.
-
-    Returns:
-        Bytes on the device during the backward pass of one micro-batch.
-    """
-    s, b, h, a = seq, micro_batch, shape.hidden, shape.heads
-    scale = BYTES[precision] / 2
-    per_layer = s * b * h * (34 + (0 if fused_attention else 5 * a * s / h)) * scale
-    if checkpointing:
-        return float(shape.layers * 2 * s * b * h * scale + per_layer)
-    return float(shape.layers * per_layer)
-
-
-def logits_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: str, lm_head: str,
-                 chunk_tokens: int, partitioned_head: bool = False) -> float:
-    """The LM head's logits and loss buffer of one micro-batch.
-
-    Assumes every position is supervised (the worst case). ``lm_head=supervised`` (sftdist/engine/forward.py)
-    gathers the supervised hidden rows and keeps one chunk of at most ``chunk_tokens`` rows of fp32 logits,
-    whose storage the cross-entropy's backward reuses for their gradient; ``full`` keeps all logits in the
-    model dtype plus their fp32 copy.
-
-    Example (b=2, s=4, vocab 10, hidden 8, fp32): 8 rows of 10 fp32 logits + 8 hidden rows; chunk of 4.
-        >>> s = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=1, hidden=8, heads=2,
-        ...                vocab=10)
-        >>> [logits_bytes(s, micro_batch=2, seq=4, precision="fp32", lm_head="supervised", chunk_tokens=c)
-        ...  for c in (8192, 4)]
-        [576.0, 416.0]
-
-    Args:
-        shape: ``vocab`` and ``hidden`` are used.
-        micro_batch, seq: The micro-batch's sequences and tokens per sequence.
-        precision: The model dtype (the hidden rows; logits are fp32 for the loss).
-        lm_head: ``train.lm_head``.
-        chunk_tokens: ``train.loss_chunk_tokens``.
-        partitioned_head: ZeRO-3: the head's weight is partitioned, and training computes the whole
-            micro-batch's supervised logits in one chunk (``engine/forward.py``: every chunk would gather
-            the weight collectively, and ranks with different supervised counts would fall out of step).
-
-    Returns:
-        Bytes of the logits and loss buffers of one micro-batch.
-    """
-    tokens = micro_batch * seq
-    if lm_head == "full":
-        return float(tokens * shape.vocab * (BYTES[precision] + 4))
-    rows = tokens if partitioned_head else min(tokens, chunk_tokens)
-    return float(rows * shape.vocab * 4 + tokens * shape.hidden * BYTES[precision])
-
-
 def bucket_bytes(*, zero_stage: int, precision: str, reduce_bucket: int, overlap_comm: bool,
-                 contiguous_gradients: bool) -> float:
+                 contiguous_gradients: bool, trainable: int | None = None, device: str = "gpu") -> float:
     """DeepSpeed's gradient-reduction buckets, in the model dtype (DeepSpeed 0.19.8).
 
     ZeRO 1-2 allocate one bucket of ``reduce_bucket_size`` elements during backward, two with
     ``overlap_comm`` (``stage_1_and_2.py``: ``buf_0``, ``buf_1``); ZeRO-3 one at initialisation
-    (``stage3.py``; the CPU runs measure exactly 2e8 x 4 bytes). ``allgather_bucket_size`` allocates
-    nothing: it only cuts the stage-1/2 parameter all-gather into shards (``all_gather_dp_groups``).
-    Without ``contiguous_gradients`` there is no bucket.
+    (``stage3.py``). ``allgather_bucket_size`` allocates nothing: it only cuts the stage-1/2 parameter
+    all-gather into shards (``all_gather_dp_groups``). Without ``contiguous_gradients`` there is no bucket.
+    On a GPU the caching allocator reserves the whole bucket. On CPU a bucket is an untouched ``mmap`` until
+    gradients are copied into it: only those pages become resident, so it holds at most the ``trainable``
+    elements (every rank's buckets take all of its gradients before they are reduced to their owner); the
+    CPU runs measure 2e8 x 4 bytes allocated under ZeRO-3 (``bench/zero_memory.py``) and a resident set
+    that grows by the trainable elements only (``bench/plan_rss.py``).
 
-    Example (100-element buckets, bf16):
+    Example (100-element buckets, bf16; on CPU with 30 trainable elements):
         >>> [bucket_bytes(zero_stage=z, precision="bf16", reduce_bucket=100, overlap_comm=True,
         ...               contiguous_gradients=True) for z in (0, 2, 3)]
         [0.0, 400.0, 200.0]
+        >>> bucket_bytes(zero_stage=2, precision="bf16", reduce_bucket=100, overlap_comm=True,
+        ...              contiguous_gradients=True, trainable=30, device="cpu")
+        60.0
 
     Args:
         zero_stage, precision: The run's ZeRO stage and model dtype.
         reduce_bucket: ``parallelism.reduce_bucket_size`` (elements).
         overlap_comm, contiguous_gradients: The ``parallelism`` flags of those names.
+        trainable: Parameters that get gradients (``ModelShape.trainable``); bounds the CPU figure.
+        device: ``gpu`` or ``cpu``.
 
     Returns:
         Bytes of the buckets on one rank's device.
     """
     if zero_stage == 0 or not contiguous_gradients:
         return 0.0
-    buffers = 2 if overlap_comm and zero_stage in (1, 2) else 1
-    return float(BYTES[precision] * reduce_bucket * buffers)
+    elements = reduce_bucket * (2 if overlap_comm and zero_stage in (1, 2) else 1)
+    if device == "cpu" and trainable is not None:
+        elements = min(elements, trainable)
+    return float(BYTES[precision] * elements)
+
+
+def runtime_bytes(device: str) -> float:
+    """What a training process holds on its device before the model exists.
+
+    - ``cpu``: the resident set of the Python process with torch, DeepSpeed, transformers and datasets
+      imported, the gloo process group up, the tokenizer loaded and the data stage done:
+      ``CPU_RUNTIME_BYTES``, measured on this project's CPU machine (``bench/plan_rss.py``: 393 MiB with
+      the GPT-2 tokenizer, 306 MiB of it before the data stage; ``bench/zero_memory.py``: 383 MiB with
+      the demo tokenizer). It does not grow with the model.
+    - ``gpu``: the CUDA context, which is outside torch's allocator: 287,047,680 bytes with a first tensor
+      under lazy module loading, against 666,632,192 loading eagerly (measured in PyTorch PR #85692, which
+      made torch set ``CUDA_MODULE_LOADING=LAZY``; CUDA's own default on Linux since 12.2). Kernels loaded
+      later (cuBLAS, NCCL), NCCL's buffers and the caching allocator's fragmentation are not counted: leave
+      10-15% headroom on a GPU.
+
+    Example:
+        >>> round(runtime_bytes("cpu") / 2**20), round(runtime_bytes("gpu") / 2**20)
+        (392, 274)
+
+    Args:
+        device: ``cpu`` or ``gpu``.
+
+    Returns:
+        Bytes per rank.
+    """
+    return float(CPU_RUNTIME_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES)
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int = 4096) -> int:
@@ -362,15 +342,24 @@ def model_shape(config, peft: PeftConfig) -> ModelShape:
     # bitsandbytes quantises the decoder's linear layers and leaves the LM head in the compute dtype
     quantized = sum(m.weight.numel() for m in model.modules()
                     if isinstance(m, torch.nn.Linear) and m is not head)
-    trainable = params
+    text = getattr(config, "text_config", None) or config
+    # a gated MLP (gate_proj, or Phi-3's fused gate_up_proj) is what activation_memory counts tensor by tensor
+    gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in model.named_modules())
+    trainable, adapter_inputs, adapter_ranks = params, 0, 0
     if peft.method != "none":
+        from peft.tuners.lora import LoraLayer
+
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename
             # QLoRA's adapters have the shapes of LoRA's on the unquantised model
             lora = apply_peft(model, PeftConfig(**{**vars(peft), "method": "lora"}))
         trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
         params = sum(p.numel() for p in lora.parameters())
-    text = getattr(config, "text_config", None) or config
+        adapted = [m for m in lora.modules() if isinstance(m, LoraLayer)]
+        adapter_inputs = sum(m.in_features for m in adapted)
+        adapter_ranks = sum(sum(m.r.values()) for m in adapted)
     return ModelShape(params=params, trainable=trainable, quantized=quantized, largest_module=largest,
                       layers=text.num_hidden_layers, hidden=text.hidden_size, heads=text.num_attention_heads,
-                      vocab=text.vocab_size)
+                      vocab=text.vocab_size, intermediate=getattr(text, "intermediate_size", 0) if gated else 0,
+                      adapter_inputs=adapter_inputs, adapter_ranks=adapter_ranks,
+                      adapter_dropout=peft.dropout if peft.method != "none" else 0.0)

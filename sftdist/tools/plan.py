@@ -8,22 +8,21 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Optional
 
 from sftdist.config import ConfigError, SFTConfig, compose_config
 from sftdist.config.checks import one_line
+from sftdist.engine.activation_memory import activation_bytes, logits_bytes, retained_bytes
 from sftdist.engine.memory_plan import (
     GIB,
     ModelShape,
     Setup,
-    activation_bytes,
     bucket_bytes,
     deepspeed_model_states,
     hf_config,
     largest_fitting,
-    logits_bytes,
     model_shape,
     model_states,
+    runtime_bytes,
 )
 
 SEARCH_LIMIT = 4096  # micro-batch sizes tried
@@ -33,7 +32,9 @@ FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "sftdist_sd
 def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
                 micro_batch: int) -> dict[str, tuple[float, float]]:
     """Every per-rank line of the table at ``micro_batch``, as ``(device, cpu)`` bytes, with the total last
-    (its activations those of ``parallelism.activation_checkpointing``).
+    (its activations those of ``parallelism.activation_checkpointing``). ``setup.device`` decides the device
+    terms: on CPU the buckets' written pages only, the freed memory glibc keeps and the process's runtime;
+    on a GPU whole buckets and the CUDA context.
 
     Args:
         shape, setup: The model and how it is trained.
@@ -47,8 +48,8 @@ def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
     labels = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer states"}
     rows = {labels[k]: v for k, v in model_states(shape, setup).items()}
     rows["model states"] = tuple(map(sum, zip(*rows.values())))
-    kw = dict(micro_batch=micro_batch, seq=t.max_length, precision=setup.precision,
-              fused_attention=cfg.model.attn_implementation in FUSED_ATTENTION)
+    kw = {"micro_batch": micro_batch, "seq": t.max_length, "precision": setup.precision, "device": setup.device,
+          "fused_attention": cfg.model.attn_implementation in FUSED_ATTENTION, "frozen_base": setup.peft != "none"}
     rows["activations"] = (activation_bytes(shape, checkpointing=False, **kw), 0.0)
     rows["activations, checkpointed"] = (activation_bytes(shape, checkpointing=True, **kw), 0.0)
     rows["logits + loss"] = (logits_bytes(shape, micro_batch=micro_batch, seq=t.max_length,
@@ -60,9 +61,13 @@ def memory_rows(shape: ModelShape, setup: Setup, cfg: SFTConfig,
                       and not setup.offload_optimizer)
     rows["comm. buckets"] = (0.0 if bf16_optimizer else bucket_bytes(
         zero_stage=p.zero_stage, precision=setup.precision, reduce_bucket=p.reduce_bucket_size,
-        overlap_comm=p.overlap_comm, contiguous_gradients=p.contiguous_gradients), 0.0)
+        overlap_comm=p.overlap_comm, contiguous_gradients=p.contiguous_gradients,
+        trainable=shape.trainable, device=setup.device), 0.0)
     act = rows["activations, checkpointed" if p.activation_checkpointing else "activations"]
-    parts = [rows["model states"], act, rows["logits + loss"], rows["comm. buckets"]]
+    rows["freed, still resident"] = (retained_bytes(act[0], setup.device), 0.0)
+    rows["runtime"] = (runtime_bytes(setup.device), 0.0)
+    parts = [rows["model states"], act, rows["logits + loss"], rows["comm. buckets"],
+             rows["freed, still resident"], rows["runtime"]]
     rows["total"] = tuple(map(sum, zip(*parts)))
     return rows
 
@@ -131,9 +136,10 @@ def _duration(s: float) -> str:
 def render(plan: dict) -> str:
     """The console table of a plan (``build_plan``'s dict)."""
     s, m = plan["setup"], plan["model"]
-    lines = [f"model: {m['source']} ({m['params'] / 1e6:,.2f}M parameters, {m['trainable'] / 1e6:,.3f}M "
-             f"trainable, {s['peft']}); ZeRO-{s['zero_stage']} x {s['world']} ranks, {s['precision']}, "
-             f"micro-batch {plan['micro_batch']} x {plan['max_length']} tokens, attention {m['attention']}",
+    lines = [(f"model: {m['source']} ({m['params'] / 1e6:,.2f}M parameters, {m['trainable'] / 1e6:,.3f}M "
+              f"trainable, {s['peft']}); ZeRO-{s['zero_stage']} x {s['world']} ranks on {s['device']}, "
+              f"{s['precision']}, micro-batch {plan['micro_batch']} x {plan['max_length']} tokens, "
+              f"attention {m['attention']}"),
              f"{'per rank':<28}{'device':>12}{'cpu':>12}{'DeepSpeed est. device':>24}{'cpu':>12}"]
     ds = plan["deepspeed_model_states"]
     for name, (dev, cpu) in plan["rows"].items():
@@ -189,7 +195,8 @@ def build_plan(cfg: SFTConfig, args) -> dict:
     source_type = (cfg.model.from_config or {}).get("model_type")
     setup = Setup(zero_stage=p.zero_stage, world=world, precision=precision, peft=cfg.peft.method,
                   offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
-                  grad_accum_fp32=grad_accum_dtype(p, precision) == "fp32")
+                  grad_accum_fp32=grad_accum_dtype(p, precision) == "fp32",
+                  device=args.device or ("gpu" if gpu or args.gpu_mem else "cpu"))
     shape = model_shape(hf_config(cfg.model), cfg.peft)
     budget = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GIB if gpu else None)
     rows = memory_rows(shape, setup, cfg, t.micro_batch_size)
@@ -218,7 +225,7 @@ def build_plan(cfg: SFTConfig, args) -> dict:
     return plan
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -230,6 +237,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                         help="override parallelism.precision")
     parser.add_argument("--gpu-mem", type=float, help="GiB per device (default: the visible GPU's, if any)")
+    parser.add_argument("--device", choices=("gpu", "cpu"),
+                        help="what the run trains on (default: gpu where one is visible or --gpu-mem is given, "
+                             "else cpu); cpu plans each rank's resident memory")
     parser.add_argument("--no-data", action="store_true", help="skip the data stage (tokens, steps, ETA)")
     parser.add_argument("--tokens-per-sec", type=float, help="measured training throughput, for the ETA")
     parser.add_argument("--metrics", help="a run's metrics.jsonl: its median tokens_per_sec, for the ETA")

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from sftdist.config import PeftConfig
 from sftdist.engine.memory_plan import (
     NF4_BYTES,
     ModelShape,
@@ -186,9 +187,73 @@ def test_cli_errors_are_one_line(args, message):
 def test_docstring_examples():
     import doctest
 
+    import sftdist.engine.activation_memory
     import sftdist.engine.memory_plan
 
     assert doctest.testmod(sftdist.engine.memory_plan).failed == 0
+    assert doctest.testmod(sftdist.engine.activation_memory).failed == 0
+
+
+def _saved_bytes(model, ids, pos) -> int:
+    """Bytes of the tensors autograd saves in one forward (each storage once, parameters excluded)."""
+    import torch
+
+    from sftdist.engine import attention
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if not isinstance(base, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, position_ids=pos, use_cache=False,
+              document_spans=attention.document_spans(pos.tolist()))
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_one_layers_activations_are_what_autograd_saves(method):
+    """The per-layer count of activation_memory against the bytes a Llama layer saves under sftdist's attention
+    (packed rows, sdpa by document) on CPU: the difference between a 3- and a 2-layer model is one layer, so the
+    embedding's and the first layer's special cases (no gradient into a frozen embedding) drop out."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftdist.engine import attention
+    from sftdist.engine.activation_memory import layer_bytes_per_token
+    from sftdist.engine.adapter import apply_peft
+
+    peft = PeftConfig(method=method, r=4, alpha=8, dropout=0.1, target_modules=["all-linear"])
+    b, s, saved = 2, 64, {}
+    ids = torch.randint(0, 128, (b, s))
+    pos = torch.cat([torch.arange(40), torch.arange(24)]).repeat(b, 1)
+    for layers in (2, 3):
+        config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128, use_cache=False)
+        model = attention.use_for(LlamaForCausalLM(config), "sdpa", s)
+        saved[layers] = _saved_bytes(apply_peft(model, peft).train().get_base_model().model
+                                     if method != "none" else model.train().model, ids, pos)
+    # q, k, v, o, gate, up take 64 features, down 176; seven rank-4 outputs
+    lora = {"adapter_inputs": 6 * 64 + 176, "adapter_ranks": 7 * 4, "adapter_dropout": 0.1} if method != "none" else {}
+    shape = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=1, hidden=64, heads=4,
+                       vocab=128, intermediate=176, **lora)
+    planned = b * s * layer_bytes_per_token(shape, seq=s, precision="fp32", fused_attention=True,
+                                            frozen_base=method != "none", device="cpu")
+    assert planned == pytest.approx(saved[3] - saved[2], rel=0.03)
+
+
+def test_cpu_buckets_hold_only_the_written_gradients():
+    from sftdist.engine.memory_plan import bucket_bytes
+
+    kw = {"zero_stage": 2, "precision": "fp32", "reduce_bucket": 200_000_000, "overlap_comm": True,
+          "contiguous_gradients": True}
+    # a GPU reserves both buckets whole; a CPU holds the pages gradients were written to
+    assert bucket_bytes(**kw) == bucket_bytes(**kw, trainable=5_000_000) == 2 * 200_000_000 * 4
+    assert bucket_bytes(**kw, trainable=5_000_000, device="cpu") == 5_000_000 * 4
+    assert bucket_bytes(**kw, trainable=10**9, device="cpu") == 2 * 200_000_000 * 4
 
 
 def test_bad_metrics_file_is_one_line_before_any_work(tmp_path):
