@@ -13,8 +13,8 @@ import torch
 
 from sftdist.data.build import TrainData, make_batch
 from sftdist.data.loader import SampleSchedule
-from sftdist.engine import deepspeed_wrap, loss
-from sftdist.engine.distributed import all_reduce_sum, device, log, rank, record_progress, world_size
+from sftdist.engine import deepspeed_wrap, loss, sequence_parallel
+from sftdist.engine.distributed import all_reduce_sum, device, log, record_progress
 from sftdist.engine.forward import LossHead
 from sftdist.lifecycle import checkpoint, nonfinite, stopping
 from sftdist.lifecycle.hangs import StackWatch
@@ -171,19 +171,30 @@ def optimizer_step(p: LoopParts, step: int,
     num_sources, dev = len(p.data.sources), device()
     stage0, grad_norm = engine.zero_optimization_stage() == 0, None
     # 1. This step's micro-batches, and the step's global supervised-token count (needed before backward).
-    micro_batches = [make_batch(p.data, mb, p.pad_id, packed=p.packed)
-                     for mb in p.schedule.micro_batches(step, rank(), world_size(), p.micro_batch_size)]
-    global_supervised, global_tokens, global_slots, global_attention = all_reduce_sum(batch_counts(micro_batches))
-    scale = loss.backward_scale(int(global_supervised), engine.gradient_accumulation_steps(), world_size())
+    # The ranks of a sequence-parallel group share their micro-batches (each trains a slice of every row),
+    # and only its first rank counts them.
+    micro_batches = [make_batch(p.data, mb, p.pad_id, packed=p.packed) for mb in p.schedule.micro_batches(
+        step, sequence_parallel.dp_rank(), sequence_parallel.dp_world(), p.micro_batch_size)]
+    for b in micro_batches:  # each position's loss weight, from the whole micro-batch (before any slicing)
+        b["loss_weight"] = loss.token_weights(b, p.head.normalization)
+    counts = [c if sequence_parallel.sp_rank() == 0 else 0 for c in batch_counts(micro_batches)]
+    global_supervised, global_tokens, global_slots, global_attention, global_samples = all_reduce_sum(counts)
+    denominator = loss.loss_denominator(p.head.normalization, supervised_tokens=global_supervised,
+                                        supervised_samples=global_samples)  # tokens, or samples (sequence)
+    # DeepSpeed sums gradients over every rank and divides by the data-parallel ones (sequence_parallel.py)
+    scale = loss.backward_scale(denominator, engine.gradient_accumulation_steps(), sequence_parallel.dp_world()) \
+        * deepspeed_wrap.sequence_parallel_gradient_factor(engine)
     lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler advances inside step()
 
     sums = torch.zeros(2 * num_sources, dtype=torch.float64, device=dev)
+    objective_sum = torch.zeros((), dtype=torch.float64, device=dev)  # of weight * objective (train.loss)
     for batch in micro_batches:
-        batch = {k: v.to(dev) for k, v in batch.items()}
+        batch = {k: v.to(dev) for k, v in sequence_parallel.local_batch(batch, p.pad_id).items()}
         # 2. forward; 3. per-token losses of the supervised positions
         token_losses, mask = p.head.losses(engine, batch)
-        # 4. backward, scaled to a per-supervised-token mean over the whole step
-        engine.backward(token_losses.sum() * scale)
+        # 4. backward, scaled to a per-supervised-token (or per-sample) mean over the whole step
+        objective = p.head.objective(token_losses) * batch["loss_weight"][mask]
+        engine.backward(objective.sum() * scale)
         if stage0 and engine.is_gradient_accumulation_boundary():
             grad_norm = deepspeed_wrap.stage0_grad_norm(engine)
             # ZeRO 1-3 drop a non-finite update themselves; ZeRO-0 is told to (nonfinite.py)
@@ -191,12 +202,14 @@ def optimizer_step(p: LoopParts, step: int,
         # 5. DeepSpeed counts micro-steps inside step() and updates only at the accumulation boundary.
         engine.step()
         sums += loss.per_source_sums(token_losses, batch["token_source"][mask], num_sources)
+        objective_sum += objective.detach().sum()
 
     # The same collective as the losses tells every rank whether any rank got a stop signal or ran out of
     # time (stopping.py): a decision that ends the loop is taken by all ranks together, or a rank that
     # stops alone leaves the others in the next step's collective.
     flags = [float(out_of_time(time.time() - step_start)), *stopping.signal_flags(stopping.received())]
-    totals = all_reduce_sum([*sums.tolist(), *flags])
+    totals = all_reduce_sum([*sums.tolist(), *flags, float(objective_sum)])
+    objective_total = totals.pop()
     totals, any_late, signals = totals[:-len(flags)], totals[-len(flags)] > 0, totals[-len(flags) + 1:]
     stop_signal = stopping.agreed_signal(signals)  # a cancel is never requeued
     grad_norm = grad_norm if stage0 else engine.get_global_grad_norm()
@@ -206,4 +219,6 @@ def optimizer_step(p: LoopParts, step: int,
            **p.meter.metrics(supervised=int(global_supervised), tokens=int(global_tokens), slots=int(global_slots),
                              attention=int(global_attention), seconds=time.time() - step_start),
            "elapsed_s": None, **per_source_metrics("loss", p.data.names, totals)}
+    if p.head.reweighted:  # `loss` stays the token-mean cross-entropy; this is what the gradient is of
+        row["objective"] = objective_total / max(denominator, 1)
     return row, stop_signal, any_late

@@ -26,6 +26,7 @@ from sftdist.config import overrides, sweep
 from sftdist.data import build as data_build
 from sftdist.data.messages import DataError
 from sftdist.engine import adapter, attention, build_locks, deepspeed_wrap, distributed, model as models, optim
+from sftdist.engine import sequence_parallel, tiling
 from sftdist.engine.distributed import is_main, log
 from sftdist.engine.forward import LossHead
 from sftdist.lifecycle import checkpoint, export, hangs, nonfinite, resume_check, rundir, startup, stopping
@@ -56,14 +57,14 @@ def run(cfg: SFTConfig, *, peft_was_chosen: bool = False) -> Path:
     if resume_from and already_at_stop(cfg.train, resume_from):
         return run_dir
     if resume_from:
-        startup.check_zero_stage(resume_from, cfg.parallelism.zero_stage)
+        startup.check_zero_stage(resume_from, cfg.parallelism.zero_stage, cfg.parallelism.sequence_parallel_size)
     tokenizer = models.load_tokenizer(cfg.model)
     settings = resume_check.run_settings(cfg, tokenizer)
     prepared = build_data(cfg, tokenizer, resume_from, settings)
     resume_step = checkpoint.checkpoint_step(resume_from) if resume_from else None
     origin = rundir.resume_origin(cfg.train.resume, resume_from)
     precision = deepspeed_wrap.resolve_precision(cfg.parallelism.precision, gpu=gpu)
-    ds_config = build_ds_config(cfg, world=world, gpu=gpu, precision=precision)
+    ds_config = build_ds_config(cfg, world=sequence_parallel.dp_world(), gpu=gpu, precision=precision)
     if resume_from and checkpoint.needs_universal(resume_from, world):
         resume_from = to_universal(resume_from, ds_config, world)
     engine, model = build_engine(cfg, tokenizer, ds_config, precision=precision, max_steps=prepared.max_steps)
@@ -75,8 +76,10 @@ def run(cfg: SFTConfig, *, peft_was_chosen: bool = False) -> Path:
         model_name=cfg.model.name_or_path or f"{cfg.model.from_config['model_type']} from config (random init)",
         trainable=adapter.trainable_summary(model), mix=prepared.mix, global_batch_size=cfg.train.global_batch_size,
         epoch_len=prepared.schedule.epoch_len, max_steps=prepared.max_steps, world=world,
-        zero_stage=cfg.parallelism.zero_stage, precision=precision, grad_accum=grad_accum_steps(cfg.train, world),
-        packing=cfg.data.packing, max_length=cfg.train.max_length, run_dir=str(run_dir))
+        zero_stage=cfg.parallelism.zero_stage, precision=precision,
+        grad_accum=grad_accum_steps(cfg.train, sequence_parallel.dp_world()),
+        packing=cfg.data.packing, max_length=cfg.train.max_length, run_dir=str(run_dir),
+        sequence_parallel=sequence_parallel.size())
     parts = loop_parts(cfg, engine, model, tokenizer, prepared, run_dir, resume_from, settings,
                        start_step=start_step, precision=precision, started=started, origin=origin)
     result = train(cfg, parts, start_step=start_step, max_steps=prepared.max_steps)
@@ -93,7 +96,9 @@ def start_processes(cfg: SFTConfig) -> tuple[int, bool]:
     # acted on before the first step (no step runs; requeued or exit 75), later after the current step.
     stopping.install_stop_handlers()
     gpu, world = distributed.has_gpu(), distributed.world_size()
-    validate(cfg, dp_world=world, has_gpu=gpu)
+    sp = startup.check_sequence_parallel(cfg, world)  # (before any work: the model's heads, attention, world)
+    validate(cfg, dp_world=world // sp, has_gpu=gpu)
+    sequence_parallel.setup(sp, rank=distributed.rank(), world=world)
     return world, gpu
 
 
@@ -174,14 +179,18 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
     zero3_ctx = deepspeed_wrap.zero3_init_context(ds_config) if cfg.model.name_or_path else None  # noqa: F841
     model = models.build_model(cfg.model, tokenizer, precision=precision, seed=t.seed,
                                activation_checkpointing=cfg.parallelism.activation_checkpointing,
+                               offload_checkpoints=cfg.parallelism.activation_checkpointing_offload,
                                quantize_4bit=cfg.peft.method == "qlora")
     attention.use_for(model, cfg.model.attn_implementation, t.max_length)
+    startup.check_attention(model, cfg.parallelism.sequence_parallel_size)
     model = adapter.apply_peft(model, cfg.peft)
+    if tiling.wanted(cfg.parallelism.tiled_mlp, -(-t.max_length // cfg.parallelism.sequence_parallel_size)):
+        log(f"tiled MLP (parallelism.tiled_mlp={cfg.parallelism.tiled_mlp}): {tiling.tile_mlps(model)} layers")
     warmup = optim.warmup_steps(t, max_steps)
     engine = deepspeed_wrap.wrap_with_deepspeed(
         model, optim.param_groups(model, t.weight_decay), ds_config,
         lambda s: optim.lr_multiplier(s, max_steps=max_steps, warmup=warmup, schedule=t.schedule,
-                                      min_lr_ratio=t.min_lr_ratio))
+                                      min_lr_ratio=t.min_lr_ratio), mpu=sequence_parallel.mpu())
     return engine, model
 
 
@@ -212,6 +221,8 @@ def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_
     head = startup.choose_head(engine, data, prepared.schedule, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
                                step=start_step, micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id,
                                packed=cfg.data.packing) if start_step < prepared.max_steps else LossHead(t.lm_head)
+    head = dataclasses.replace(head, loss=t.loss, normalization=t.loss_normalization,
+                               neftune_alpha=t.neftune_alpha)  # (eval passes report plain cross-entropy)
     meter, peak_note = step_metrics.StepMeter.build(model, precision=precision, peak_override=cfg.logging.peak_flops,
                                                     head_everywhere=head.mode == "full")
     log(peak_note)
@@ -361,12 +372,9 @@ def _hydra_main(raw: DictConfig) -> None:
         # group: DeepSpeed keeps references to it that a new group would not satisfy.)
         distributed.shutdown()
     if several and "SUBMITIT_FOLDER" not in os.environ:  # a submitit task still has its result to write
-        # Every file is written and closed. Skip interpreter teardown: in multi-process CPU runs a native
-        # thread left by the gloo/DeepSpeed stack occasionally aborts the process at exit ("terminate called
-        # without an active exception"), which would turn a finished run into a failed job. Likely cause (not
-        # reproduced in 27 tries): gloo threads of process groups that DeepSpeed still references after
-        # shutdown() (deepspeed.utils.groups) run on during interpreter teardown. Errors never get here:
-        # they raise above and exit non-zero (tests/dist/test_dead_rank.py).
+        # Every file is written and closed. Skip interpreter teardown, where a gloo thread of a group DeepSpeed
+        # still references occasionally aborts the process ("terminate called without an active exception")
+        # and fails a finished job. Errors never get here: they raise above (tests/dist/test_dead_rank.py).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(stopping.exit_code())

@@ -15,7 +15,7 @@ def check_choice(key: str, value: Any, choices: tuple) -> None:
 
 
 def check_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value > 0 or (value == 0 and allow_zero)):  # (NaN too: it compares false with everything)
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 

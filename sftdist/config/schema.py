@@ -21,8 +21,11 @@ MIX_BY = ("samples", "tokens")
 TRUNCATION = ("truncate", "drop", "error")
 ON_BAD_RECORD = ("error", "skip")
 DEDUP = ("none", "exact", "near")
+SPLIT_TURNS = ("auto", "always", "never")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
+LOSSES = ("ce", "dft")
+LOSS_NORMALIZATIONS = ("token", "sequence")
 WANDB_MODES = ("online", "offline", "disabled")
 PROGRESS = ("auto", "bar", "lines")
 PEFT_METHODS = ("none", "lora", "qlora")
@@ -88,6 +91,10 @@ class DataConfig:
 
     sources: List[DataSource] = field(default_factory=list)
     train_on: str = "assistant"  # assistant (every assistant turn) | last (final assistant turn) | all
+    # One sample per trained assistant turn, rendered as at inference (the generation prompt of the turns before
+    # it, then the reply): auto = for a conversation that the chat template renders otherwise (Qwen3 and
+    # DeepSeek-R1 drop earlier or all reasoning, Mistral v0.3 drops the system prompt) | always | never
+    split_turns: str = "auto"
     mix_by: str = "samples"  # weights share out samples | supervised tokens
     packing: bool = False  # pack samples into train.max_length rows (no attention across samples)
     truncation: str = "truncate"  # over-length samples: truncate | drop | error (stop, naming the record)
@@ -111,6 +118,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.train_on", self.train_on, TRAIN_ON)
+        check_choice("data.split_turns", self.split_turns, SPLIT_TURNS)
+        if self.split_turns == "always" and self.train_on == "all":
+            raise ConfigError("data.split_turns=always needs data.train_on=assistant or last: train_on=all trains "
+                              "every token of a conversation, so there is no single turn to make a sample of")
         check_choice("data.mix_by", self.mix_by, MIX_BY)
         check_choice("data.truncation", self.truncation, TRUNCATION)
         check_choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
@@ -141,6 +152,9 @@ class ParallelConfig:
     offload_params: bool = False  # parameters in CPU memory (ZeRO-3 only)
     nvme_path: Optional[str] = None  # offload to NVMe at this path instead of CPU memory
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
+    # With activation_checkpointing: keep each layer's saved input in pinned host memory, copied back for its
+    # recompute (ALST's checkpoint offload: frees layers x tokens x hidden of device memory at long lengths)
+    activation_checkpointing_offload: bool = False
     overlap_comm: bool = True  # overlap gradient reduction with backward
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 200_000_000  # elements per gradient-reduction bucket
@@ -152,8 +166,22 @@ class ParallelConfig:
     # Seconds a collective may wait for a peer before it fails, so a hung or lost rank ends the job instead of
     # stalling it. Above the longest time one rank waits for another (rank 0 saving the final model, a checkpoint).
     collective_timeout_s: float = 1800.0
+    # Ranks that split each sequence between them (Ulysses: each attends with 1/N of the heads over the whole
+    # sequence); data parallelism runs across the groups, over world / N ranks. For sequences whose activations
+    # do not fit one rank (docs/parallelism.md#sequence-parallelism)
+    sequence_parallel_size: int = 1
+    # Run each layer's MLP over tiles of ~hidden_size positions, recomputed tile by tile in backward (ALST): one
+    # more MLP forward per step for a fraction of the MLP's activation memory. auto = when a rank's share of a
+    # row (max_length / sequence_parallel_size) reaches 8192 tokens
+    tiled_mlp: str = "auto"  # auto | true | false
 
     def __post_init__(self) -> None:
+        check_positive("parallelism.sequence_parallel_size", self.sequence_parallel_size)
+        if self.activation_checkpointing_offload and not self.activation_checkpointing:
+            raise ConfigError("parallelism.activation_checkpointing_offload=true offloads what activation "
+                              "checkpointing saves: also set parallelism.activation_checkpointing=true")
+        self.tiled_mlp = str(self.tiled_mlp).lower()  # (the command line's true/false arrive as True/False)
+        check_choice("parallelism.tiled_mlp", self.tiled_mlp, ("auto", "true", "false"))
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallelism.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         check_choice("parallelism.precision", self.precision, PRECISIONS)
@@ -241,6 +269,15 @@ class TrainConfig:
     max_length: int = 2048  # tokens per sequence (per packed row with data.packing)
     lm_head: str = "supervised"  # supervised (LM head + loss only at supervised positions) | full (all logits)
     loss_chunk_tokens: int = 8192  # supervised rows per LM-head/loss chunk; more chunks are recomputed in backward
+    # the objective per supervised token: ce (cross-entropy) | dft (Dynamic Fine-Tuning: CE times the token's
+    # detached probability); the logged loss stays the cross-entropy (docs/training.md#loss-options)
+    loss: str = "ce"
+    # what weighs the same in a step: token (every supervised token) | sequence (every sample: the mean of
+    # each sample's token mean, however long its reply)
+    loss_normalization: str = "token"
+    # NEFTune: uniform noise of scale alpha / sqrt(length * hidden) on the input embeddings, in training
+    # forwards only (never eval or generation); 5 is the paper's usual value, 0 = off
+    neftune_alpha: float = 0.0
     eval_every: int = 0  # optimizer steps between eval passes (0 = only after the last step)
     eval_at_start: bool = True  # eval before the first step: the step-0 baseline of eval_loss_delta/<source>
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -252,7 +289,7 @@ class TrainConfig:
     stop_after_steps: Optional[int] = None  # checkpoint and exit after this many steps in this process (requeue loops)
     stop_after_minutes: Optional[float] = None  # checkpoint and exit before this much wall-clock time has passed
     overwrite: bool = False  # allow replacing a finished or unresumable run already in output_dir
-    resume_allow_changes: bool = False  # resume even if batch, seed, length, tokenizer or data differ (logged)
+    resume_allow_changes: bool = False  # resume even if batch, seed, length, tokenizer, data or loss differ (logged)
     # a step whose loss or grad norm is NaN/inf: stop (exit 1, nothing saved from it) | skip (drop its update)
     on_nonfinite: str = "stop"
     max_consecutive_nonfinite: int = 5  # on_nonfinite=skip: non-finite steps skipped in a row before stopping
@@ -261,6 +298,9 @@ class TrainConfig:
         check_choice("train.schedule", self.schedule, SCHEDULES)
         check_choice("train.lm_head", self.lm_head, ("supervised", "full"))
         check_positive("train.loss_chunk_tokens", self.loss_chunk_tokens)
+        check_choice("train.loss", self.loss, LOSSES)
+        check_choice("train.loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
+        check_positive("train.neftune_alpha", self.neftune_alpha, allow_zero=True)
         if self.lr is not None:
             check_positive("train.lr", self.lr)
         check_positive("train.micro_batch_size", self.micro_batch_size)

@@ -6,6 +6,7 @@
 - ``detect``: which known format a record looks like (the fix a missing-field error names; ``format: auto``).
 - ``template_shape``, ``reply_spans``: what a chat template puts around a reply, and where each reply is.
 - ``tokenize``: render with the tokenizer's own template and label exactly the trained tokens.
+- ``split_turns``: one sample per reply, as at inference, for conversations a template renders otherwise.
 - ``mask_rules``, ``audit``: the rules masks must obey, checked independently before any model loads.
 - ``prepare``: tokenise and mask one source into an on-disk cache keyed by everything that affects it.
 - ``quality``: detectors of data problems (duplicates, empty replies, ...).

@@ -13,11 +13,12 @@ from __future__ import annotations
 import random
 
 from sftdist.config import DataConfig, DataSource
-from sftdist.data.mask_rules import MaskProblem, check_masks
+from sftdist.data.mask_rules import MaskProblem, check_built_sample, check_history, check_masks
 from sftdist.data.messages import DataError, to_conversation
 from sftdist.data.sources import read_records
+from sftdist.data.split_turns import encode_samples, history_rewrites, turn_messages
 from sftdist.data.template_shape import template_shape
-from sftdist.data.tokenize import encode_conversation, supervised_runs, trained_turns
+from sftdist.data.tokenize import supervised_runs, trained_turns
 
 
 def supervised_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]:
@@ -30,22 +31,39 @@ def supervised_spans(input_ids: list[int], labels: list[int]) -> list[list[int]]
     return [ids for supervised, ids in supervised_runs(input_ids, labels) if supervised]
 
 
-def check_record(tokenizer, messages: list[dict], tools, train_on: str) -> list[MaskProblem]:
-    """Problems with one conversation's masks (empty list when it is exact)."""
-    enc = encode_conversation(tokenizer, messages, tools=tools, train_on=train_on)
-    return check_masks(tokenizer, messages, tools, enc, trained_turns(messages, train_on), train_on)
+def check_record(tokenizer, messages: list[dict], tools, train_on: str, split_turns: str = "auto") -> list[MaskProblem]:
+    """Problems with the masks of every sample one conversation becomes under ``data.split_turns`` (empty
+    list when all are exact)."""
+    problems = []
+    for view, enc in encode_samples(tokenizer, messages, tools, train_on=train_on, split_turns=split_turns):
+        if view is None:
+            trained = trained_turns(messages, train_on)
+            problems += check_masks(tokenizer, messages, tools, enc, trained, train_on)
+            if split_turns != "never" and train_on != "all":
+                problems += check_history(tokenizer, messages, tools, enc, trained)
+            continue
+        found = (check_built_sample(tokenizer, messages, tools, view.turn, enc) if view.built else
+                 check_masks(tokenizer, turn_messages(messages, view.turn), tools, enc, [view.turn]))
+        problems += [MaskProblem(p.rule, f"{p.detail} (the sample of reply {view.turn} alone)") for p in found]
+    return problems
 
 
-def template_warnings(tokenizer) -> list[str]:
+def template_warnings(tokenizer, split_turns: str = "auto") -> list[str]:
     """What the audit says once about a tokenizer's chat template, however many sources use it."""
     shape = template_shape(tokenizer)
     if shape.probe_error:
         return [f"chat template ({shape.family}) could not render a plain two-turn probe conversation "
                 f"({shape.probe_error}); replies are trained without an end-of-turn token"]
+    warnings = []
     if shape.end_of_turn is None:
-        return [f"chat template ({shape.family}) has no end-of-turn token: nothing special closes a reply, so "
-                f"the model will not learn to stop (add an EOS/end-of-turn token to the template)"]
-    return []
+        warnings.append(f"chat template ({shape.family}) has no end-of-turn token: nothing special closes a reply, "
+                        f"so the model will not learn to stop (add an EOS/end-of-turn token to the template)")
+    rewrites = history_rewrites(tokenizer) if split_turns == "never" else ()
+    if rewrites:
+        warnings.append(f"chat template ({shape.family}) renders replies otherwise than at inference (probes: "
+                        f"{', '.join(rewrites)}), and data.split_turns=never trains them so: dropped reasoning or "
+                        f"system prompts are never trained; data.split_turns=auto gives each such reply a sample")
+    return warnings
 
 
 def check_chat_template(cfg: DataConfig, tokenizer) -> None:
@@ -71,8 +89,10 @@ def check_chat_template(cfg: DataConfig, tokenizer) -> None:
                         f"or set data.require_end_of_turn=false to train anyway", "no_end_of_turn")
 
 
-def audit_source(source: DataSource, tokenizer, *, train_on: str, samples: int, seed: int) -> int:
-    """Audit up to ``samples`` records of a chat source, drawn by ``seed`` from its first 20x records.
+def audit_source(source: DataSource, tokenizer, *, train_on: str, samples: int, seed: int,
+                 split_turns: str = "auto") -> int:
+    """Audit up to ``samples`` records of a chat source, drawn by ``seed`` from its first 20x records; every
+    sample of a record that ``split_turns`` splits.
 
     Bad records themselves are not the audit's concern (the data stage reports them); it skips them.
 
@@ -94,7 +114,7 @@ def audit_source(source: DataSource, tokenizer, *, train_on: str, samples: int, 
     for where, row in random.Random(f"audit:{seed}").sample(pool, min(samples, len(pool))):
         try:
             messages, tools = to_conversation(row, source.format, where, dict(source.columns))
-            problems = check_record(tokenizer, messages, tools, train_on)
+            problems = check_record(tokenizer, messages, tools, train_on, split_turns)
         except Exception:  # a record the data stage already rejected and counted (bad fields, template errors)
             continue
         if problems:

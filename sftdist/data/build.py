@@ -131,8 +131,9 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
         if stats["kept"] == 0:  # a cache entry written before prepare_source refused such a source
             raise no_usable_record(source.name, stats["records"], stats["statuses"])
         stats["eval_warning"] = eval_size_warning(source, f"data.sources.{i}", stats)
-        stats["audited"] = audit_source(source, tokenizer, train_on=cfg.train_on, samples=cfg.audit_samples, seed=seed)
-        stats["mask_warnings"] = template_warnings(tokenizer) if source.format != "text" else []
+        stats["audited"] = audit_source(source, tokenizer, train_on=cfg.train_on, samples=cfg.audit_samples, seed=seed,
+                                        split_turns=cfg.split_turns)
+        stats["mask_warnings"] = template_warnings(tokenizer, cfg.split_turns) if source.format != "text" else []
         train = datasets.load_from_disk(str(d / "train"))
         evaluation = datasets.load_from_disk(str(d / "eval")) if (d / "eval").exists() else None
         sources.append(SourceData(source.name, source.weight, source.format, train, evaluation, stats,
@@ -168,8 +169,9 @@ def build_schedule(data: TrainData, cfg: DataConfig, *, seed: int, global_batch_
 
 
 def mix_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
-    """Per source: records read and kept, what happened to the others, and the realised mix of the first
-    epoch (samples drawn, and shares of samples and of supervised tokens)."""
+    """Per source: records read and kept, what happened to the others, the conversations ``data.split_turns``
+    split and the samples they became, and the realised mix of the first epoch (samples drawn, and shares of
+    samples and of supervised tokens)."""
     supervised = [column_values(s.train, "num_supervised") for s in data.sources]
     lengths = [column_values(s.train, "num_tokens") for s in data.sources]
     drawn, tokens, all_tokens = [0] * len(data.sources), [0] * len(data.sources), [0] * len(data.sources)
@@ -182,7 +184,33 @@ def mix_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
              "statuses": src.stats["statuses"], "samples_per_epoch": drawn[s],
              "sample_share": drawn[s] / max(sum(drawn), 1), "supervised_token_share": tokens[s] / max(sum(tokens), 1),
              "tokens_per_epoch": all_tokens[s], "supervised_tokens_per_epoch": tokens[s],
-             "audited": src.stats.get("audited", 0)} for s, src in enumerate(data.sources)]
+             "audited": src.stats.get("audited", 0), "split": split_counts(src.stats)}
+            for s, src in enumerate(data.sources)]
+
+
+def split_counts(stats: dict) -> dict[str, int]:
+    """``{"conversations": ..., "samples": ...}``: how many conversations of a source's train split
+    ``data.split_turns`` split into one sample per trained turn, and how many samples they became (zeros for
+    a cache entry written before the setting existed).
+
+    Example:
+        >>> split_counts({"split": {"conversations": 2, "samples": 5}}), split_counts({})
+        ({'conversations': 2, 'samples': 5}, {'conversations': 0, 'samples': 0})
+    """
+    return {"conversations": 0, "samples": 0, **stats.get("split", {})}
+
+
+def split_note(split: dict[str, int]) -> str:
+    """The data report's words for ``split_counts``; "" when nothing was split.
+
+    Example:
+        >>> split_note({"conversations": 2, "samples": 5}), split_note({"conversations": 0, "samples": 0})
+        ('; 2 conversations split into 5 samples, one per trained turn (data.split_turns)', '')
+    """
+    if not split["conversations"]:
+        return ""
+    return (f"; {split['conversations']} conversation{'s' * (split['conversations'] != 1)} split into "
+            f"{split['samples']} samples, one per trained turn (data.split_turns)")
 
 
 def build_for_run(cfg: SFTConfig, tokenizer) -> tuple[TrainData, SampleSchedule, list[Path]]:

@@ -1,12 +1,12 @@
 """Turn tokenized examples into one micro-batch format, packed or padded, with per-example next-token targets.
 
 Both ``collate`` (one example per row) and ``collate_packed`` (several examples per row) return long
-tensors ``input_ids``, ``position_ids``, ``targets`` and ``token_source`` of shape [B, T]; ``collate`` adds
-``attention_mask``. Position ids restart at 0 at every example and at the padding tail, which is what
-keeps packed examples apart: called with ``attention_mask=None`` and these ``position_ids``, transformers
-(``masking_utils.create_causal_mask`` -> ``find_packed_sequence_indices``) starts a new block wherever the
-position does not go up by one and builds a block-diagonal causal mask for ``sdpa``, ``eager`` and
-``flex_attention``. It does so only when no cache is passed, so the model needs ``config.use_cache=False``
+tensors ``input_ids``, ``position_ids``, ``targets``, ``token_source`` and ``sample_index`` of shape [B, T];
+``collate`` adds ``attention_mask``. Position ids restart at 0 at every example and at the padding tail,
+which is what keeps packed examples apart: called with ``attention_mask=None`` and these ``position_ids``,
+transformers (``masking_utils.create_causal_mask`` -> ``find_packed_sequence_indices``) starts a new block
+wherever the position does not go up by one and builds a block-diagonal causal mask for ``sdpa``, ``eager``
+and ``flex_attention``. It does so only when no cache is passed, so the model needs ``config.use_cache=False``
 (``build_model`` sets it; with a cache each row silently gets one causal block). ``flash_attention_2``
 reads the blocks from ``position_ids`` only when the batch has one row
 (``modeling_flash_attention_utils._is_packed_sequence``), so under it pass ``input_ids.view(1, -1)`` and
@@ -20,6 +20,7 @@ import torch
 from sftdist.data.tokenize import IGNORE_INDEX
 
 PAD_SOURCE = -1  # token_source on padding positions
+PAD_SAMPLE = -1  # sample_index on padding positions
 
 
 def shift_labels(labels: list[int]) -> list[int]:
@@ -47,6 +48,10 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tenso
         position_ids = [[0, 1, 2,    0, 1   ], [0, 1,    0,    1,    2   ]]
         targets      = [[6, 7, -100, 9, -100], [4, -100, -100, -100, -100]]
         token_source = [[1, 1, 1,    0, 0   ], [0, 0,    -1,   -1,   -1  ]]
+        sample_index = [[0, 0, 0,    1, 1   ], [2, 2,    -1,   -1,   -1  ]]
+
+    ``sample_index`` numbers the examples of the whole micro-batch in row-major order, so that a loss can
+    weigh each example (not each token) the same, also after the [B, T] tensors are cut along T.
 
     There is no ``attention_mask``: call the model with ``input_ids`` and ``position_ids`` only, so that
     transformers builds the block-diagonal causal mask from the position restarts (see the module
@@ -61,12 +66,15 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tenso
     Returns:
         Long tensors of shape [B, T], T the longest row: ``input_ids``; ``position_ids`` (0.. per example);
         ``targets`` (labels shifted left within each example, -100 on each example's last token and on
-        padding); ``token_source`` (the example's source on each of its tokens, -1 on padding).
+        padding); ``token_source`` (the example's source on each of its tokens, -1 on padding);
+        ``sample_index`` (the example's number in the micro-batch, 0.. in row-major order, -1 on padding).
     """
     width = max((sum(len(e["input_ids"]) for e in row) for row in rows), default=0)
-    out: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "targets": [], "token_source": []}
+    out: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "targets": [], "token_source": [],
+                                       "sample_index": []}
+    sample = 0
     for row in rows:
-        ids, pos, tgt, src = [], [], [], []
+        ids, pos, tgt, src, idx = [], [], [], [], []
         for e in row:
             n = len(e["input_ids"])
             if len(e["labels"]) != n:
@@ -75,11 +83,14 @@ def collate_packed(rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tenso
             pos += range(n)
             tgt += shift_labels(e["labels"])
             src += [e.get("source", 0)] * n
+            idx += [sample] * n
+            sample += 1
         pad = width - len(ids)
         out["input_ids"].append(ids + [pad_id] * pad)
         out["position_ids"].append(pos + list(range(pad)))
         out["targets"].append(tgt + [IGNORE_INDEX] * pad)
         out["token_source"].append(src + [PAD_SOURCE] * pad)
+        out["sample_index"].append(idx + [PAD_SAMPLE] * pad)
     return {k: torch.tensor(v, dtype=torch.long).view(len(rows), width) for k, v in out.items()}
 
 
@@ -97,6 +108,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         position_ids   = [[0, 1, 2], [0, 1, 0]]
         targets        = [[6, 7, -100], [9, -100, -100]]
         token_source   = [[1, 1, 1], [0, 0, -1]]
+        sample_index   = [[0, 0, 0], [1, 1, -1]]
 
     Args:
         examples: Dicts with ``input_ids``, ``labels`` and optionally ``source`` (an int id, default 0).

@@ -15,6 +15,10 @@ each reply with ``add_generation_prompt=True``. The mask audit and the tests bot
   and the reply (``<think>\\n\\n</think>``), a tool call's rendering, a token straddling a reply's edge
   (required when what lies outside the reply is whitespace), and the reply's tail of whitespace and
   special tokens up to the next turn's opener.
+
+A conversation split into one sample per turn (``split_turns``) has each sample checked: one the template
+rendered by the rules above, one built as the generation prompt plus the reply by ``check_built_sample``;
+one kept whole, under ``data.split_turns`` auto or always, also by ``check_history``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from sftdist.data.messages import REASONING_KEYS
 from sftdist.data.reply_spans import reply_texts
+from sftdist.data.split_turns import turn_view
 from sftdist.data.template_shape import common_prefix, render, snap_to_token, special_strings, template_shape
-from sftdist.data.tokenize import render_and_tokenize
+from sftdist.data.tokenize import render_and_tokenize, tokenize_text
 
 SENTINEL = "\u2591sftdist\u2591"  # never stripped or escaped by a template; unlikely in real text
 # Special tokens whose names say they open a turn; they never end one.
@@ -57,7 +63,7 @@ def _with(messages, i, **changes):
 
 
 def message_regions(tokenizer, messages, tools, text) -> dict[int, tuple[int, int]]:
-    """Where each message's own text (and an assistant's tool-call names) lies in ``text``.
+    """Where each message's own text (and an assistant's reasoning field and tool-call names) lies in ``text``.
 
     A message is missing when swapping its text changes nothing recognisable (the template drops it).
     """
@@ -72,6 +78,16 @@ def message_regions(tokenizer, messages, tools, text) -> dict[int, tuple[int, in
             except Exception:  # noqa: BLE001 - the template refuses the sentinel: nothing to compare
                 a, b = 0, -1
             if any(f and f in text[a:b] for f in forms):
+                found.append((a, b))
+        for key in REASONING_KEYS if m["role"] == "assistant" else ():
+            reasoning = m.get(key)
+            if not (isinstance(reasoning, str) and reasoning.strip()):
+                continue
+            try:  # a template that drops the field (earlier turns, or always) changes nothing: no region
+                a, b = _changed(text, render(tokenizer, _with(messages, i, **{key: SENTINEL}), tools))
+            except Exception:  # noqa: BLE001
+                continue
+            if reasoning.strip() in text[a:b]:
                 found.append((a, b))
         for k, call in enumerate(m.get("tool_calls") or []):
             calls = [dict(c) for c in m["tool_calls"]]
@@ -189,3 +205,81 @@ def check_masks(tokenizer, messages: list[dict[str, Any]], tools, enc: dict, tra
                                         f"supervised but is not part of a trained reply [{shape.family}]"))
             break
     return problems
+
+
+def _reply_pieces(message: dict[str, Any]) -> list[str]:
+    """A reply's reasoning and answer, whitespace collapsed: what a sample of it must train, in order."""
+    content = message.get("content") or ""
+    reasoning, _, answer = content.rpartition("</think>")
+    pieces = [reasoning.split("<think>")[-1], answer, *(message.get(k) or "" for k in REASONING_KEYS)]
+    return [" ".join(p.split()) for p in pieces if p.strip()]
+
+
+def check_built_sample(tokenizer, messages: list[dict[str, Any]], tools, turn: int, enc: dict) -> list[MaskProblem]:
+    """Every broken rule for the sample of reply ``turn`` built as the generation prompt plus the reply
+    (``split_turns.turn_view``): a template that drops the reply's reasoning even from a final turn
+    (DeepSeek-R1), or renders the turns before it otherwise than its generation prompt (Mistral v0.3).
+
+    * ``prompt_as_at_inference``: the ids start with ``apply_chat_template(messages[:turn],
+      add_generation_prompt=True, tokenize=True)``, the prompt inference feeds, and none of it is supervised;
+    * ``labels_aligned``; ``reply_trained``: every token after the prompt is supervised, they hold the
+      reply's reasoning and answer, and they do not start by repeating what the prompt ends with;
+      ``end_of_turn_trained``: the last one is the template's end-of-turn token (or the EOS it appends to a
+      finished conversation right after it).
+    """
+    ids, labels = list(enc["input_ids"]), list(enc["labels"])
+    prompt = list(tokenizer.apply_chat_template(messages[:turn], tools=tools, add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"])
+    if ids[:len(prompt)] != prompt:
+        return [MaskProblem("prompt_as_at_inference", f"the sample's first {len(prompt)} ids differ from the "
+                                                      f"generation prompt of messages[:{turn}]")]
+    for t, (lab, tid) in enumerate(zip(labels, ids)):
+        if lab != -100 and lab != tid:
+            return [MaskProblem("labels_aligned", f"label {lab} at token {t} is not its input id {tid}")]
+    if any(lab != -100 for lab in labels[:len(prompt)]):
+        return [MaskProblem("prompt_as_at_inference", "a token of the generation prompt is supervised")]
+    if len(ids) == len(prompt) or any(lab == -100 for lab in labels[len(prompt):]):
+        return [MaskProblem("reply_trained", f"reply {turn}: not every token after the generation prompt is "
+                                             f"supervised")]
+    completion = tokenizer.decode(ids[len(prompt):])
+    said = tokenizer.decode(prompt)
+    repeated = next((completion[:n] for n in range(min(64, len(said), len(completion)), 0, -1)
+                     if completion[:n].strip() and said.endswith(completion[:n])), "")
+    if repeated:  # what the prompt supplies, written again (a doubled "<think>\n")
+        return [MaskProblem("reply_trained", f"reply {turn} starts by repeating the end of its generation prompt "
+                                             f"({repeated!r})")]
+    reply = " ".join(completion.split())
+    missing = [p for p in _reply_pieces(messages[turn]) if p not in reply]
+    if missing:
+        return [MaskProblem("reply_trained", f"reply {turn}: {missing[0][:40]!r} is not among its trained tokens")]
+    shape = template_shape(tokenizer)
+    last = tokenizer.convert_ids_to_tokens(ids[-1])
+    if shape.end_tokens and last not in (*shape.end_tokens, shape.eos):
+        return [MaskProblem("end_of_turn_trained", f"reply {turn} ends with {last!r}, not an end-of-turn token "
+                                                   f"[{shape.family}]")]
+    return []
+
+
+def check_history(tokenizer, messages: list[dict[str, Any]], tools, enc: dict, trained: list[int]) -> list[MaskProblem]:
+    """``history_as_at_inference``: in a conversation kept whole, each trained reply's tokens, and all before
+    them, are those it has at inference (its ``turn_view``), through its end-of-turn token. Compared in
+    tokens, where ``split_turns`` decides in characters."""
+    ids = list(enc["input_ids"])
+    for k in trained:
+        try:
+            view = turn_view(tokenizer, messages, tools, k)
+        except Exception:  # noqa: BLE001 - a template that refuses the prefix: split_turns kept it whole for that
+            continue
+        if view is None:
+            continue
+        view_ids, offsets = tokenize_text(tokenizer, view.text)
+        if offsets is not None:
+            n = sum(1 for _, e in offsets if e <= view.turn_end)
+        else:  # without offsets, leave out a last token that may merge with what follows the reply
+            n = max(0, len(tokenize_text(tokenizer, view.text[:view.turn_end])[0]) - 1)
+        if ids[:n] != view_ids[:n]:
+            at = next((t for t, (a, b) in enumerate(zip(ids, view_ids[:n])) if a != b), min(len(ids), n))
+            return [MaskProblem("history_as_at_inference", f"reply {k} is trained after other tokens than at "
+                                f"inference (from token {at}), yet its conversation was kept whole "
+                                f"[{template_shape(tokenizer).family}]")]
+    return []

@@ -2,7 +2,8 @@
 
 A conversation is ``(messages, tools)``: ``messages`` is a list of ``{"role", "content"}`` dicts with
 ``role`` in ``ROLES`` and string ``content``, optionally ``tool_calls`` (OpenAI shape, ``arguments`` parsed
-to a dict), ``name``, ``tool_call_id`` and ``train`` (only when the record sets it); ``tools`` is a list of
+to a dict), ``name``, ``tool_call_id``, an assistant's ``reasoning_content``/``thinking`` and ``train`` (each
+only when the record sets it); ``tools`` is a list of
 OpenAI-style tool schemas or ``None``. Every error is a ``DataError`` whose message starts with ``where``
 and whose ``reason`` is a short code that callers can count.
 """
@@ -20,6 +21,9 @@ ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "tool": "tool"}
 _PASSTHROUGH = ("name", "tool_call_id")  # optional string keys a template may read
+# An assistant's reasoning as a field of its own (OpenAI-style APIs, Qwen3, GLM and DeepSeek data;
+# gpt-oss calls it ``thinking``): passed to the template, which decides where to render it, or whether to.
+REASONING_KEYS = ("reasoning_content", "thinking")
 SOURCE_KEY = "data.sources.<N>"  # where a caller does not say which source (index N) a record belongs to
 
 
@@ -165,6 +169,12 @@ def _message(m: Any, where: str) -> dict[str, Any]:
     if calls:
         out["tool_calls"] = calls
     out.update({k: m[k] for k in _PASSTHROUGH if m.get(k) is not None})
+    for key in REASONING_KEYS if role == "assistant" else ():
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise DataError(f"{where} ({role}) {key} must be a string, got {type(m[key]).__name__}",
+                            "non_string_content")
+        if m.get(key):
+            out[key] = m[key]
     train = _train_flag(m, where)
     return out if train is None else {**out, "train": train}
 

@@ -1,8 +1,9 @@
 """Tokenise and mask one source into an on-disk cache, keyed by everything that affects the result.
 
 A cache entry is a directory ``<cache>/<source>-<key>/`` holding ``train/`` (and ``eval/``) as Arrow
-datasets with columns ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, and ``stats.json``.
-It is written under a temporary name and renamed into place, so a reader never sees half an entry.
+datasets with columns ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``where``, and
+``stats.json``. A record is one sample, or one per trained turn when ``data.split_turns`` splits it. The
+entry is written under a temporary name and renamed into place, so a reader never sees half an entry.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from sftdist.data import quality
 from sftdist.data.demo import cache_root, resolve_builtin
 from sftdist.data.messages import SOURCE_KEY, DataError, to_conversation, to_text
 from sftdist.data.sources import is_local, read_records, source_files
-from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_conversation, encode_text
+from sftdist.data.split_turns import encode_samples
+from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_text
 
 PIPELINE_VERSION = 2  # bump when encoding changes, to invalidate every cache entry
 OK_STATUSES = ("ok", "truncated")
@@ -52,7 +54,8 @@ def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_len
     and max_length."""
     parts: dict[str, Any] = {
         "version": PIPELINE_VERSION, "source": {k: v for k, v in vars(source).items() if k not in ("name", "weight")},
-        "train_on": cfg.train_on, "truncation": cfg.truncation, "on_bad_record": cfg.on_bad_record,
+        "train_on": cfg.train_on, "split_turns": cfg.split_turns, "truncation": cfg.truncation,
+        "on_bad_record": cfg.on_bad_record,
         "tokenizer": tokenizer_fp, "max_length": max_length, "seed": seed if source.eval_fraction else None,
     }
     # Only when set, so that caches built before these filters existed keep their keys.
@@ -69,33 +72,47 @@ def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_len
 
 
 def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: str, max_length: int,
-                  truncation: str, tokenizer, min_reply_tokens: int = 0,
-                  drop_cut_replies: bool = False, source_key: str = SOURCE_KEY) -> dict[str, Any]:
-    """Encode one raw JSON record; never raises for a bad record, reports it in ``status``/``error``
-    (whose fix names the source as ``source_key``, e.g. ``data.sources.1``).
+                  truncation: str, tokenizer, min_reply_tokens: int = 0, drop_cut_replies: bool = False,
+                  source_key: str = SOURCE_KEY, split_turns: str = "auto") -> list[dict[str, Any]]:
+    """Encode one raw JSON record into its samples; never raises for a bad record, reports it in
+    ``status``/``error`` (whose fix names the source as ``source_key``, e.g. ``data.sources.1``).
 
     Returns:
-        ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``status`` (``ok``, ``truncated``,
+        One sample, or one per trained turn when ``split_turns`` splits the conversation, each with
+        ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``where`` (``where``, and for a split
+        sample the reply it trains), ``split`` (whether it is one), ``status`` (``ok``, ``truncated``,
         ``dropped_too_long``, ``dropped_no_target``, ``dropped_short_reply``, ``dropped_cut_reply`` or an error
-        reason) and ``error`` (message or "").
+        reason) and ``error`` (message or ""). A bad record is one sample, without ids.
     """
-    empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0}
+    empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0, "where": where, "split": False}
     try:
         row = json.loads(raw)
         if fmt == "text":
-            enc = encode_text(tokenizer, to_text(row, where, columns, source_key=source_key))
+            samples = [(None, encode_text(tokenizer, to_text(row, where, columns, source_key=source_key)))]
         else:
             messages, tools = to_conversation(row, fmt, where, columns, source_key=source_key)
             dropped = _reply_filter([(where, messages)], tokenizer, min_reply_tokens, drop_cut_replies)
             if dropped:
-                return {**empty, "status": dropped, "error": ""}
-            enc = encode_conversation(tokenizer, messages, tools=tools, train_on=train_on)
+                return [{**empty, "status": dropped, "error": ""}]
+            samples = encode_samples(tokenizer, messages, tools, train_on=train_on, split_turns=split_turns)
     except DataError as e:
-        return {**empty, "status": e.reason, "error": str(e)}
+        return [{**empty, "status": e.reason, "error": str(e)}]
     except MaskError as e:
-        return {**empty, "status": "template_mismatch", "error": f"{where}: {e} (tokenizer {tokenizer.name_or_path!r})"}
+        return [{**empty, "status": "template_mismatch",
+                 "error": f"{where}: {e} (tokenizer {tokenizer.name_or_path!r})"}]
     except Exception as e:  # a template raising on odd input (jinja exceptions, TypeErrors) is a bad record too
-        return {**empty, "status": "render_failed", "error": f"{where}: chat template failed: {type(e).__name__}: {e}"}
+        return [{**empty, "status": "render_failed",
+                 "error": f"{where}: chat template failed: {type(e).__name__}: {e}"}]
+    out = []
+    for j, (view, enc) in enumerate(samples, start=1):
+        at = where if view is None else f"{where}, reply {j} of {len(samples)} (message {view.turn})"
+        out.append({**_checked_length(enc, at, max_length=max_length, truncation=truncation, empty=empty),
+                    "where": at, "split": view is not None})
+    return out
+
+
+def _checked_length(enc: dict, where: str, *, max_length: int, truncation: str, empty: dict) -> dict[str, Any]:
+    """One encoded sample under ``data.truncation``, with its counts and status."""
     status = "ok"
     if len(enc["input_ids"]) > max_length:
         if truncation == "drop":
@@ -144,12 +161,20 @@ def dedup_statuses(table: dict[str, list], fmt: str, columns: dict, mode: str, t
     return statuses
 
 
-def _encode_batch(batch: dict[str, list], **kw) -> dict[str, list]:
-    empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0}
-    out = [{**empty, "status": "invalid_json", "error": e} if e
-           else {**empty, "status": pre, "error": ""} if pre else encode_record(r, w, **kw)
-           for r, w, e, pre in zip(batch["raw"], batch["where"], batch["read_error"], batch["pre_status"])]
+def _encode_batch(batch: dict[str, list], indices: list[int], **kw) -> dict[str, list]:
+    """Records to samples, each tagged with its record's index (a split record gives several)."""
+    out = []
+    for i, r, w, e, pre in zip(indices, batch["raw"], batch["where"], batch["read_error"], batch["pre_status"]):
+        empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0, "where": w, "split": False}
+        samples = ([{**empty, "status": "invalid_json", "error": e}] if e else
+                   [{**empty, "status": pre, "error": ""}] if pre else encode_record(r, w, **kw))
+        out += [{**s, "record": i} for s in samples]
     return {k: [o[k] for o in out] for k in out[0]}
+
+
+def _column(ds, name: str) -> list:
+    """One column as a plain list, in one pass (a lazy column of datasets 5.x reads row by row)."""
+    return ds.with_format("arrow")[name].to_pylist()
 
 
 def _raw_table(source: DataSource, path: Optional[str]) -> dict[str, list]:
@@ -226,15 +251,17 @@ def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, t
     ds = datasets.Dataset.from_dict({**table, "pre_status": pre})
     kw = dict(fmt=source.format, columns=dict(source.columns), train_on=cfg.train_on, max_length=max_length,
               truncation=cfg.truncation, tokenizer=tokenizer, min_reply_tokens=cfg.min_reply_tokens,
-              drop_cut_replies=cfg.drop_cut_replies, source_key=source_key(cfg, source))
-    procs = num_proc if len(ds) >= 2000 else 1  # worker start-up costs more than small sets take
+              drop_cut_replies=cfg.drop_cut_replies, source_key=source_key(cfg, source), split_turns=cfg.split_turns)
+    records = len(ds)
+    procs = num_proc if records >= 2000 else 1  # worker start-up costs more than small sets take
     # sftdist keys its own cache (cache_key); datasets' fingerprint of this map would pickle and hash the whole
-    # tokenizer, which took longer than tokenising 1,000 alpaca records. A fixed one skips that.
+    # tokenizer, which took longer than tokenising 1,000 alpaca records. A fixed one skips that. Every input
+    # column is removed (``where`` comes back per sample): a split record gives more rows than it came in.
     ds = ds.map(_encode_batch, batched=True, batch_size=256, num_proc=procs if procs > 1 else None,
-                fn_kwargs=kw, remove_columns=["raw", "read_error", "pre_status"],
+                with_indices=True, fn_kwargs=kw, remove_columns=["raw", "where", "read_error", "pre_status"],
                 desc=f"tokenising {source.name} ({split})",
                 new_fingerprint=f"sftdist-encode-{source.name}-{split}")
-    statuses = Counter(ds["status"])
+    statuses = Counter(_column(ds, "status"))  # per sample: a split record's samples each count
     bad = [s for s in statuses if s not in OK_STATUSES + LENGTH_STATUSES + FILTER_STATUSES]
 
     def first() -> str:  # only on the way to an error: a pass over the error column costs seconds on large sets
@@ -244,11 +271,14 @@ def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, t
         raise bad_record_error(first(), source.name, bad[0])
     kept = ds.filter(lambda b: [s in OK_STATUSES for s in b], batched=True, input_columns="status",
                      new_fingerprint=f"sftdist-kept-{source.name}-{split}")
-    stats = {"records": len(ds), "kept": len(kept), "statuses": dict(statuses),
+    split_records = [r for r, s in zip(_column(ds, "record"), _column(ds, "split")) if s]
+    stats = {"records": records, "kept": len(set(_column(kept, "record"))), "samples": len(kept),
+             "statuses": dict(statuses), "split": {"conversations": len(set(split_records)),
+                                                   "samples": len(split_records)},
              "tokens": int(sum(kept["num_tokens"])), "supervised_tokens": int(sum(kept["num_supervised"]))}
     if split == "train" and not len(kept):  # nothing to train on; not cached, so that a fixed config rebuilds
-        raise no_usable_record(source.name, len(ds), stats["statuses"], first())
-    return kept.remove_columns(["status", "error"]), stats
+        raise no_usable_record(source.name, records, stats["statuses"], first())
+    return kept.remove_columns(["status", "error", "record", "split"]), stats
 
 
 def default_num_proc(cfg: DataConfig) -> int:

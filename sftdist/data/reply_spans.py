@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from sftdist.data.messages import REASONING_KEYS
 from sftdist.data.template_shape import TemplateShape, common_prefix, snap_to_token
 
 
@@ -64,6 +65,17 @@ def reply_texts(content: str) -> list[str]:
         # Last resort: the reasoning alone, which Qwen3 keeps when the answer after it is empty.
         forms.append(content.split("</think>")[0].split("<think>")[-1].strip())
     return [f for f in dict.fromkeys(forms) if f]
+
+
+def reasoning_texts(message: dict[str, Any]) -> list[str]:
+    """A reply's reasoning fields (``reasoning_content``, ``thinking``), stripped: the last resort for locating
+    a reply whose content the template renders empty (a reply that only reasons, or only calls a tool).
+
+    Example:
+        >>> reasoning_texts({"role": "assistant", "content": "", "reasoning_content": "\\n5 is odd.\\n"})
+        ['5 is odd.']
+    """
+    return [m.strip() for m in (message.get(k) for k in REASONING_KEYS) if isinstance(m, str) and m.strip()]
 
 
 def _find_any(text: str, forms: list[str], start: int) -> Optional[tuple[int, int]]:
@@ -105,7 +117,7 @@ def _anchor(text: str, message: dict[str, Any], cursor: int, later: list[dict[st
     found (``later``): a template that does not render tool calls may still name the function later, in a
     tool's response or in the next reply's reasoning.
     """
-    forms = reply_texts(message.get("content") or "")
+    forms = reply_texts(message.get("content") or "") + reasoning_texts(message)
     found = _find_any(text, forms, cursor)
     header = _first_header(text, cursor, headers) if found else None
     if found and header and found[0] < header[1]:

@@ -26,8 +26,8 @@ from sftdist.data.template_shape import render, special_strings, template_shape
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "MaskError", "encode_conversation", "encode_text", "render_and_tokenize",
-           "supervised_runs", "trained_spans", "trained_turns"]
+__all__ = ["IGNORE_INDEX", "MaskError", "encode_conversation", "encode_text", "label_spans", "render_and_tokenize",
+           "supervised_runs", "tokenize_text", "trained_spans", "trained_turns"]
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
@@ -64,10 +64,23 @@ def render_and_tokenize(tokenizer, messages, tools=None) -> tuple[str, list[int]
     """The rendered conversation, its token ids and each token's character offsets (``None`` when the
     tokenizer cannot report offsets)."""
     text = render(tokenizer, messages, tools)
+    return (text, *tokenize_text(tokenizer, text))
+
+
+def tokenize_text(tokenizer, text: str) -> tuple[list[int], Optional[list[tuple[int, int]]]]:
+    """Token ids of an already rendered text (as ``apply_chat_template(tokenize=True)`` tokenizes it) and
+    each token's character offsets (``None`` when the tokenizer cannot report offsets)."""
     if not getattr(tokenizer, "is_fast", False):
-        return text, _tokens(tokenizer, text), None
+        return _tokens(tokenizer, text), None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return text, list(enc["input_ids"]), list(enc["offset_mapping"])
+    return list(enc["input_ids"]), list(enc["offset_mapping"])
+
+
+def label_spans(tokenizer, text: str, ids: list[int], offsets, spans: list[ReplySpan]) -> list[int]:
+    """Labels of ``ids`` (the tokens of ``text``): a token that starts inside one of the character ``spans``
+    is supervised, every other one is ``-100``."""
+    return (_labels_from_offsets(ids, offsets, spans) if offsets is not None
+            else _labels_without_offsets(tokenizer, text, ids, spans))
 
 
 def _labels_from_offsets(ids, offsets, spans: list[ReplySpan]) -> list[int]:
@@ -146,9 +159,7 @@ def encode_conversation(tokenizer, messages: list[dict[str, Any]], *, tools: Opt
         trained_turns(messages, train_on)  # still validates the per-message flags
         labels = list(ids)
     else:
-        spans = trained_spans(tokenizer, messages, tools, text, train_on)
-        labels = (_labels_from_offsets(ids, offsets, spans) if offsets is not None
-                  else _labels_without_offsets(tokenizer, text, ids, spans))
+        labels = label_spans(tokenizer, text, ids, offsets, trained_spans(tokenizer, messages, tools, text, train_on))
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels}

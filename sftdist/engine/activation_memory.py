@@ -27,6 +27,17 @@ Activation Recomputation in Large Transformer Models", eq. 2, no tensor/sequence
 ``s*b*h*(34 + 5*a*s/h)`` bytes in 16-bit, ``5*a*s/h`` being the score matrices that sdpa/flash never store.
 With activation checkpointing each layer keeps its input (``h``) and one layer is live in full. In bf16/fp16
 transformers' RMSNorm keeps its input upcast to fp32, 2 bytes per element more than counted for ``2h``.
+
+A tiled MLP (``parallelism.tiled_mlp``, ``sftdist.engine.tiling``) keeps only its input (``h``; under full
+fine-tuning that is the gate/up input already counted) and none of the ``3i`` through-terms, the down
+projection's input (``i``) or the MLP adapters' tensors: backward recomputes them one tile of about ``h``
+positions per row at a time, so one tile's worth is live on top.
+
+Under sequence parallelism (``sftdist.engine.sequence_parallel``, SP ranks) a rank holds ``ceil(s / SP)``
+positions of each row for all of the above. Attention's q, k, v and output are ``[b, a/SP, s, d]`` there, the
+whole row for 1/SP of the heads: as many elements as ``s/SP`` positions of all heads, so the per-token count
+holds (eager attention's scores are over the whole row). On top comes the all-to-all exchange of one layer
+at a time (``exchange_bytes``).
 """
 
 from __future__ import annotations
@@ -35,12 +46,12 @@ from sftdist.engine.memory_plan import BYTES, ModelShape
 
 
 def layer_bytes_per_token(shape: ModelShape, *, seq: int, precision: str, fused_attention: bool,
-                          frozen_base: bool = False, device: str = "gpu") -> float:
+                          frozen_base: bool = False, device: str = "gpu", tiled_mlp: bool = False) -> float:
     """Bytes one decoder layer keeps for backward per token (see the module docstring for each term).
 
     Example (h=8, i=16, 2 heads, fp32, 4 tokens per sequence): full fine-tuning 11*8 + 4*16 = 152
     elements; LoRA (r=2 on all seven projections, dropout) on CPU 6*8 + 3*16 + 2*(6*8 + 16) + 7*2 = 238,
-    on a GPU 1-byte masks; eager attention adds 2*4 scores.
+    on a GPU 1-byte masks; eager attention adds 2*4 scores; a tiled MLP drops 4*16 under full fine-tuning.
         >>> full = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=1, hidden=8, heads=2,
         ...                   vocab=10, intermediate=16)
         >>> from dataclasses import replace
@@ -49,64 +60,131 @@ def layer_bytes_per_token(shape: ModelShape, *, seq: int, precision: str, fused_
         >>> (layer_bytes_per_token(full, fused_attention=True, **kw),
         ...  layer_bytes_per_token(lora, fused_attention=True, frozen_base=True, device="cpu", **kw),
         ...  layer_bytes_per_token(lora, fused_attention=True, frozen_base=True, **kw),
-        ...  layer_bytes_per_token(full, fused_attention=False, **kw))
-        (608.0, 952.0, 760.0, 640.0)
+        ...  layer_bytes_per_token(full, fused_attention=False, **kw),
+        ...  layer_bytes_per_token(full, fused_attention=True, tiled_mlp=True, **kw))
+        (608.0, 952.0, 760.0, 640.0, 352.0)
 
     Args:
         shape: ``hidden``, ``intermediate``, ``heads`` and the adapter counts are used.
-        seq: Tokens per sequence (eager attention's score matrices).
+        seq: Tokens per sequence, the whole row's under sequence parallelism (eager attention's scores).
         precision: The activation dtype.
         fused_attention: sdpa/flash attention, which never stores the score matrices.
         frozen_base: LoRA/QLoRA: the base weights get no gradient, so their inputs are not kept for one.
         device: ``cpu`` or ``gpu`` (how dropout keeps its mask).
+        tiled_mlp: The MLP runs tiled (``parallelism.tiled_mlp``; only a ``shape.tileable_mlp`` gated MLP).
 
     Returns:
         Bytes per token of one layer.
     """
     d = BYTES[precision]
     h, i, a = shape.hidden, shape.intermediate, shape.heads
+    tiled = tiled_mlp and bool(i) and shape.tileable_mlp
     if i:
-        through = 6 * h + 3 * i + (0 if fused_attention else a * seq)
-        weights = 0 if frozen_base else 5 * h + i
+        # tiled, the MLP keeps only its input, which full fine-tuning counts among the projections' inputs
+        mlp = (h if frozen_base else 0) if tiled else 3 * i
+        through = 6 * h + mlp + (0 if fused_attention else a * seq)
+        weights = 0 if frozen_base else 5 * h + (0 if tiled else i)
         base = (through + weights) * d
     else:  # Korthikanti et al. 2022, stated for 16-bit
         base = h * (34 + (0 if fused_attention else 5 * a * seq / h)) * d / 2
     layers = max(shape.layers, 1)
-    inputs, ranks = shape.adapter_inputs / layers, shape.adapter_ranks / layers
+    inputs = (shape.adapter_inputs - (shape.mlp_adapter_inputs if tiled else 0)) / layers
+    ranks = (shape.adapter_ranks - (shape.mlp_adapter_ranks if tiled else 0)) / layers
     if shape.adapter_dropout > 0:
         adapters = inputs * (d + (d if device == "cpu" else 1))
-    else:
-        adapters = min(inputs, 3 * h + i if i else inputs) * d if frozen_base else 0.0
+    else:  # lora_A saves the layer's input: at most the distinct inputs of the (untiled) projections
+        distinct = 2 * h if tiled else 3 * h + i if i else inputs
+        adapters = min(inputs, distinct) * d if frozen_base else 0.0
     return float(base + adapters + ranks * d)
 
 
+def local_length(seq: int, sp: int) -> int:
+    """Positions of a row on one rank under ``sp``-way sequence parallelism (the row padded to a multiple).
+
+    Example:
+        >>> local_length(2048, 1), local_length(32768, 8), local_length(1001, 2)
+        (2048, 4096, 501)
+    """
+    return -(-seq // sp)
+
+
 def activation_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: str, fused_attention: bool,
-                     checkpointing: bool, frozen_base: bool = False, device: str = "gpu") -> float:
-    """Activations kept for backward over one micro-batch: every layer's (``layer_bytes_per_token``), or
-    under activation checkpointing every layer's input plus one layer in full.
+                     checkpointing: bool, frozen_base: bool = False, device: str = "gpu", sp: int = 1,
+                     tiled_mlp: bool = False) -> float:
+    """Activations kept for backward over one micro-batch on one rank: every layer's
+    (``layer_bytes_per_token``), or under activation checkpointing every layer's input plus one layer in full;
+    with a tiled MLP, one tile's MLP recomputed in backward on top.
 
     Example (2 layers, h=8, a=2, s=4, b=1, bf16, a GPT-style MLP): one layer is 4*8*(34 + 5*2*4/8) = 1248
-    bytes, 1088 without the score matrix; checkpointed: 2 * 2*4*8 inputs + one layer.
+    bytes, 1088 without the score matrix; checkpointed: 2 * 2*4*8 inputs + one layer; 2-way sequence
+    parallel: 2 of the 4 positions.
         >>> s = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=2, hidden=8, heads=2,
         ...                vocab=10)
         >>> [activation_bytes(s, micro_batch=1, seq=4, precision="bf16", fused_attention=f, checkpointing=c)
         ...  for f, c in ((False, False), (True, False), (True, True))]
         [2496.0, 2176.0, 1216.0]
+        >>> activation_bytes(s, micro_batch=1, seq=4, precision="bf16", fused_attention=True, checkpointing=False,
+        ...                  sp=2)
+        1088.0
 
     Args:
-        shape, seq, precision, fused_attention, frozen_base, device: As for ``layer_bytes_per_token``.
+        shape, precision, fused_attention, frozen_base, device: As for ``layer_bytes_per_token``.
         micro_batch: Sequences per micro-batch (b).
+        seq: Tokens per sequence (``train.max_length``), the whole row.
         checkpointing: ``parallelism.activation_checkpointing``.
+        sp: Sequence-parallel ranks splitting each row (``local_length`` positions of it here).
+        tiled_mlp: The MLP runs tiled; it does once a row's share holds more than ``hidden`` positions
+            (``tiling.tile_count``).
 
     Returns:
         Bytes during the backward pass of one micro-batch.
     """
-    tokens = micro_batch * seq
-    layer = tokens * layer_bytes_per_token(shape, seq=seq, precision=precision, fused_attention=fused_attention,
-                                           frozen_base=frozen_base, device=device)
+    local = local_length(seq, sp)
+    tokens = micro_batch * local
+    tiled = tiled_mlp and local > shape.hidden
+
+    def per_token(tiled: bool) -> float:
+        return layer_bytes_per_token(shape, seq=local * sp, precision=precision, fused_attention=fused_attention,
+                                     frozen_base=frozen_base, device=device, tiled_mlp=tiled)
+
+    layer = tokens * per_token(tiled)
+    # backward recomputes the MLP one tile (the flattened rows cut into ceil(local / hidden)) at a time
+    tile = micro_batch * local / -(-local // shape.hidden) * (per_token(False) - per_token(True)) if tiled else 0.0
     if checkpointing:
-        return float(shape.layers * tokens * shape.hidden * BYTES[precision] + layer)
-    return float(shape.layers * layer)
+        return float(shape.layers * tokens * shape.hidden * BYTES[precision] + layer + tile)
+    return float(shape.layers * layer + tile)
+
+
+def exchange_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: str, sp: int) -> float:
+    """Sequence parallelism's all-to-all buffers of one layer's attention, on one rank (0 without it).
+
+    DeepSpeed's ``UlyssesSPAttentionHF`` copies this rank's q, k and v into contiguous send buffers and
+    receives as many elements back (k and v replicated to ``sp`` heads when the model has fewer KV heads);
+    they are freed once attention has its inputs, and the output's exchange and backward's exchanges of the
+    gradients are no larger. One layer at a time, so it counts once.
+
+    Example (b=1, s=8, 4 heads of 2, 2 KV heads, bf16): 4 local positions x (4 + 2 * 2) heads x 2 x 2
+    buffers x 2 bytes; at SP 4 the KV heads go to 4.
+        >>> s = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=2, hidden=8, heads=4,
+        ...                vocab=10, kv_heads=2)
+        >>> [exchange_bytes(s, micro_batch=1, seq=8, precision="bf16", sp=p) for p in (1, 2, 4)]
+        [0.0, 256.0, 192.0]
+
+    Args:
+        shape: ``heads``, ``kv_heads`` and ``head_dim`` are used.
+        micro_batch, seq: The micro-batch's sequences and tokens per sequence (the whole row).
+        precision: The activation dtype.
+        sp: Sequence-parallel ranks.
+
+    Returns:
+        Bytes of one layer's send and receive buffers.
+    """
+    if sp == 1:
+        return 0.0
+    kv = shape.kv_heads or shape.heads
+    head_dim = shape.head_dim or shape.hidden // shape.heads
+    elements = micro_batch * local_length(seq, sp) * head_dim * (shape.heads + 2 * max(kv, sp))
+    return float(2 * elements * BYTES[precision])
 
 
 def logits_bytes(shape: ModelShape, *, micro_batch: int, seq: int, precision: str, lm_head: str,

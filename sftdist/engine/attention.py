@@ -40,9 +40,16 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def sdpa_by_document(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     is_causal=None, document_spans=None, **kwargs):
+                     is_causal=None, document_spans=None, ulysses=None, **kwargs):
     """transformers' attention-function signature: ``query`` [B, H, T, D], ``key``/``value`` [B, KV, T, D]
-    -> ``([B, T, H, D], None)``."""
+    -> ``([B, T, H, D], None)``.
+
+    With ``ulysses`` (a sequence-parallel forward, ``sequence_parallel.forward_kwargs``) T is this rank's
+    slice and ``document_spans`` are the whole rows': DeepSpeed's Ulysses attention gathers the sequence for
+    a share of the heads and calls back here without ``ulysses``."""
+    if ulysses is not None:
+        return ulysses(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                       document_spans=document_spans, **kwargs)
     if document_spans is None or query.shape[2] != key.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -1,7 +1,9 @@
-""""""
+"""The thin layer around DeepSpeed: precision, the pure ``build_ds_config``, ZeRO-3 init, the engine and the
+gradient facts the loop needs from it (ZeRO-0's grad norm, ZeRO-3's sequence-parallel gradient factor)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -17,6 +19,32 @@ def stage0_grad_norm(engine) -> float:
     """
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
+
+def sequence_parallel_gradient_factor(engine) -> float:
+    """What the loss must be multiplied by, beyond ``loss.backward_scale``, for DeepSpeed to apply the true
+    gradient under sequence parallelism: 1, except where ZeRO-3 reduce-scatters.
+
+    DeepSpeed divides the summed gradients by the data-parallel ranks (world / SP) on every path but one:
+    ZeRO-3's reduce-scatter (``stage3.__avg_scatter_grads``, DeepSpeed 0.17-0.19) divides by all ranks,
+    ignoring ``sequence_parallel_size``, so its gradients (and grad norm) come out 1/SP too small. Adam
+    hides most of that, clipping and the logged grad norm do not. The factor holds only while that function
+    does not know about SP (read from its source), so a DeepSpeed that fixes it gets 1 again.
+    """
+    sp = getattr(engine, "sequence_parallel_size", 1)
+    if sp == 1 or engine.zero_optimization_stage() != 3 or not getattr(engine.optimizer, "reduce_scatter", False):
+        return 1.0
+    return float(sp) if _zero3_scatter_ignores_sp() else 1.0
+
+
+@functools.cache
+def _zero3_scatter_ignores_sp() -> bool:
+    import inspect
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    scatter = getattr(DeepSpeedZeroOptimizer_Stage3, "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads", None)
+    return scatter is not None and "sequence_parallel_size" not in inspect.getsource(scatter)
 
 
 def resolve_precision(precision: str, *, gpu: bool) -> str:
@@ -111,8 +139,9 @@ def zero3_init_context(ds_config: dict) -> Optional[object]:
 
 
 def wrap_with_deepspeed(model: torch.nn.Module, param_groups: list[dict], ds_config: dict,
-                        lr_lambda: Callable[[int], float]):
-    """Create the DeepSpeed engine with the optimizer from ``ds_config`` and a LambdaLR schedule.
+                        lr_lambda: Callable[[int], float], *, mpu=None):
+    """Create the DeepSpeed engine with the optimizer from ``ds_config`` and a LambdaLR schedule; ``mpu``:
+    the sequence-parallel groups (``sequence_parallel.mpu()``), over which ZeRO shards and reduces.
 
     Returns:
         The ``DeepSpeedEngine``; DeepSpeed steps the scheduler once per optimizer step.
@@ -123,7 +152,7 @@ def wrap_with_deepspeed(model: torch.nn.Module, param_groups: list[dict], ds_con
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds_config,
-                                           lr_scheduler=scheduler)
+                                           lr_scheduler=scheduler, mpu=mpu)
     _exclude_tied_frozen_weights(engine)
     return engine
 

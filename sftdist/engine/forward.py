@@ -9,6 +9,8 @@ micro-batch needs more than one chunk, each chunk's logits are recomputed in bac
 (not under ZeRO-3: see ``_partitioned``).
 ``train.lm_head=full`` computes all logits the way the model's own forward does.
 
+``train.neftune_alpha`` adds NEFTune noise to the input embeddings of training forwards only (``neftune``).
+
 The head is the model's own output-embedding module, called as a module, so ZeRO-3 gathers its partitioned
 weight and LoRA adapters on it apply. What some models do to logits after the head (Gemma's soft-capping,
 Cohere's and Granite's scaling) is applied here too; ``check_supervised_head`` compares the result with the
@@ -18,6 +20,8 @@ model's own logits once per run and falls back to ``full`` where they differ.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +29,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sftdist.data.tokenize import IGNORE_INDEX
-from sftdist.engine import attention
-from sftdist.engine.loss import supervised_token_losses, token_cross_entropy
+from sftdist.engine import attention, sequence_parallel
+from sftdist.engine.loss import dft, supervised_token_losses, token_cross_entropy
 
 
 def _bare(model):
@@ -46,6 +50,10 @@ def _call(model, batch: dict[str, torch.Tensor], **extra):
     one row there (the caller reshapes back).
     """
     shape = tuple(batch["input_ids"].shape)
+    if sequence_parallel.FULL_POSITIONS in batch:  # this rank's slice of each row (sequence parallelism)
+        extra |= sequence_parallel.forward_kwargs(batch, _bare(model).config.get_text_config())
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                     **extra), shape
     if _bare(model).config._attn_implementation == attention.NAME:
         # One host read of the position ids per forward; every layer reuses the spans.
         extra["document_spans"] = attention.document_spans(batch["position_ids"].tolist())
@@ -183,14 +191,71 @@ def check_slice(batch: dict[str, torch.Tensor], *, min_tokens: int = 64) -> dict
     return {k: v[row:row + 1, :end] for k, v in batch.items()}
 
 
+def neftune_noise(embeds: torch.Tensor, alpha: float, length: int) -> torch.Tensor:
+    """``embeds`` plus NEFTune noise: uniform in ``[-b, b]`` with ``b = alpha / sqrt(length * hidden)``
+    (Jain et al. 2023), drawn from torch's default generator of the tensor's device, whose state every
+    checkpoint saves and a resume restores, so a resumed run draws the same noise.
+
+    Example:
+        >>> x = torch.zeros(1, 4, 16)
+        >>> bool(neftune_noise(x, 5.0, 4).abs().max() <= 5.0 / (4 * 16) ** 0.5)
+        True
+    """
+    bound = alpha / math.sqrt(length * embeds.shape[-1])
+    return embeds + torch.empty_like(embeds).uniform_(-bound, bound)
+
+
+@contextmanager
+def neftune(model, alpha: float, length: int) -> Iterator[None]:
+    """Within the block, the model's input-embedding module returns ``neftune_noise`` of its output while it
+    is in training mode; in eval mode (eval passes, generation) and with ``alpha`` 0 it is untouched.
+
+    The hook sits on the module ``get_input_embeddings`` returns (a LoRA adapter's too, or the ZeRO-3
+    partitioned module after its gather), only for the block, so a forward outside it (``generate``, the
+    head check, an export) never sees noise. ``length`` is the row width of the collated micro-batch (a
+    packed row with packing), not the width the module sees: that is ``B * T`` for flash attention's one
+    flattened row, and a slice of ``T`` under sequence parallelism.
+    """
+    if not alpha:
+        yield
+        return
+
+    def add_noise(module, args, output):
+        return neftune_noise(output, alpha, length) if module.training else None
+
+    handle = _bare(model).get_input_embeddings().register_forward_hook(add_noise)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @dataclass(frozen=True)
 class LossHead:
-    """How the loop turns a batch into token losses: ``train.lm_head`` and ``train.loss_chunk_tokens``,
-    after ``check_supervised_head`` has had its say."""
+    """How the loop turns a batch into token losses and its objective: ``train.lm_head`` and
+    ``train.loss_chunk_tokens`` (after ``check_supervised_head`` has had its say), ``train.loss``,
+    ``train.loss_normalization`` and ``train.neftune_alpha``."""
 
     mode: str = "supervised"
     chunk_tokens: int = 8192
+    loss: str = "ce"  # ce | dft: the objective's transform of each token's cross-entropy (``objective``)
+    normalization: str = "token"  # token | sequence: for ``loss.token_weights`` and ``loss.loss_denominator``
+    neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings of training forwards (0 = off)
 
     def losses(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``supervised_losses`` with this head."""
-        return supervised_losses(model, batch, lm_head=self.mode, chunk_tokens=self.chunk_tokens)
+        """``supervised_losses`` with this head: the plain cross-entropy of each supervised position (what
+        ``loss`` and ``eval_loss`` report), with NEFTune noise when the model is training, scaled by the
+        whole rows' width (a sequence-parallel slice carries its rows' position ids)."""
+        width = batch.get(sequence_parallel.FULL_POSITIONS, batch["input_ids"]).shape[1]
+        with neftune(model, self.neftune_alpha, width):
+            return supervised_losses(model, batch, lm_head=self.mode, chunk_tokens=self.chunk_tokens)
+
+    def objective(self, token_losses: torch.Tensor) -> torch.Tensor:
+        """What training minimises per token, before ``loss.token_weights``: the cross-entropy (``ce``) or
+        ``loss.dft`` of it."""
+        return dft(token_losses) if self.loss == "dft" else token_losses
+
+    @property
+    def reweighted(self) -> bool:
+        """The objective is not the token-mean cross-entropy (then the loop logs it as ``objective``)."""
+        return self.loss != "ce" or self.normalization != "token"

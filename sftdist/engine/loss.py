@@ -1,5 +1,10 @@
-"""Token-level cross-entropy, per-source sums for logging, and the scale that turns summed token losses
-into a loss per supervised token of the whole optimizer step (all micro-batches, all data-parallel ranks)."""
+"""Token-level cross-entropy, per-source sums for logging, and the weights and scale that turn summed token
+losses into the step's loss: a mean per supervised token, or per sample (``train.loss_normalization``), over
+the whole optimizer step (all micro-batches, all data-parallel ranks).
+
+The weights are per position of a collated micro-batch and depend only on that whole micro-batch, so a rank
+that computes losses on a slice of its positions (sequence parallelism) weighs them exactly as the whole
+would: every term of the step's sum is ``weight * token loss``, wherever it is computed."""
 
 from __future__ import annotations
 
@@ -96,21 +101,103 @@ def per_source_sums(losses: torch.Tensor, sources: torch.Tensor, num_sources: in
     return out
 
 
-def backward_scale(global_tokens: int, grad_accum: int, dp_world: int) -> float:
-    """Factor for each micro-batch's summed token loss before ``engine.backward``.
+def dft(losses: torch.Tensor) -> torch.Tensor:
+    """Dynamic Fine-Tuning (``train.loss=dft``): each token's cross-entropy times the probability the model
+    gives its target, ``CE * exp(-CE)``, the probability detached (a weight, not a path for the gradient).
 
-    DeepSpeed divides every micro-batch loss by ``grad_accum`` and averages gradients over the
-    ``dp_world`` ranks. Multiplying by ``grad_accum * dp_world / global_tokens`` undoes both, so the
-    applied gradient is that of ``sum(token losses) / global_tokens`` over the whole step: every supervised
-    token weighs the same whichever micro-batch or rank it sits in (not a mean of per-micro-batch means).
+    Tokens the model already finds likely keep their weight and unlikely ones are damped, which keeps SFT
+    from pulling hard on a few improbable tokens (Wu et al. 2025, "On the Generalization of SFT").
 
     Example:
-        >>> backward_scale(global_tokens=100, grad_accum=4, dp_world=2)
-        0.08
+        >>> ce = torch.log(torch.tensor([2.0, 8.0])).requires_grad_()  # target probabilities 1/2 and 1/8
+        >>> y = dft(ce)
+        >>> [round(v, 4) for v in y.tolist()]  # ln 2 * 1/2, ln 8 * 1/8
+        [0.3466, 0.2599]
+        >>> y.sum().backward()
+        >>> ce.grad.tolist()  # d/dCE is the detached probability
+        [0.5, 0.125]
+    """
+    return losses * torch.exp(-losses.detach())
+
+
+def token_weights(batch: dict[str, torch.Tensor], normalization: str) -> torch.Tensor:
+    """Each position's weight in the step's summed loss, from the whole collated micro-batch.
+
+    ``token``: 1 everywhere. ``sequence``: ``1 / n`` on the supervised positions of a sample with ``n`` of
+    them (0 elsewhere), so that each sample's weights add up to 1 however long its reply, and divided by the
+    step's supervised samples (``loss_denominator``) the loss is the mean over samples of each sample's mean.
+
+    Example (a packed row with samples of 1 and 3 supervised positions, then padding)::
+
+        targets      = [[5,   -100, 6,   7,   8,   -100, -100]]
+        sample_index = [[0,   0,    1,   1,   1,   1,    -1  ]]
+        weights      = [[1.0, 0,    1/3, 1/3, 1/3, 0,    0   ]]
+
+        >>> batch = {"targets": torch.tensor([[5, -100, 6, 7, 8, -100, -100]]),
+        ...          "sample_index": torch.tensor([[0, 0, 1, 1, 1, 1, -1]])}
+        >>> [round(w, 4) for w in token_weights(batch, "sequence")[0].tolist()]
+        [1.0, 0.0, 0.3333, 0.3333, 0.3333, 0.0, 0.0]
 
     Args:
-        global_tokens: Supervised tokens in the optimizer step, summed over micro-batches and ranks.
+        batch: ``collate``/``collate_packed`` output (``targets``, ``sample_index``), before any slicing.
+        normalization: ``token`` or ``sequence`` (``train.loss_normalization``).
+
+    Returns:
+        float32 [B, T] on the batch's device.
+    """
+    targets = batch["targets"]
+    if normalization == "token":
+        return torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
+    supervised = targets != IGNORE_INDEX
+    index = batch["sample_index"][supervised]
+    counts = torch.bincount(index).float()  # supervised positions per sample
+    weights = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    weights[supervised] = 1.0 / counts[index]
+    return weights
+
+
+def supervised_samples(batch: dict[str, torch.Tensor]) -> int:
+    """Samples of a collated micro-batch with at least one supervised position.
+
+    Example:
+        >>> supervised_samples({"targets": torch.tensor([[5, -100, -100, 7], [-100, -100, -100, -100]]),
+        ...                     "sample_index": torch.tensor([[0, 0, 1, 2], [3, 3, -1, -1]])})
+        2
+    """
+    return int(batch["sample_index"][batch["targets"] != IGNORE_INDEX].unique().numel())
+
+
+def loss_denominator(normalization: str, *, supervised_tokens: int, supervised_samples: int) -> int:
+    """What the step's weighted loss sum is divided by: its supervised tokens (``token``) or its samples
+    with a supervised token (``sequence``), both summed over micro-batches and ranks.
+
+    Example:
+        >>> loss_denominator("sequence", supervised_tokens=100, supervised_samples=6)
+        6
+    """
+    return int(supervised_samples if normalization == "sequence" else supervised_tokens)
+
+
+def backward_scale(denominator: int, grad_accum: int, dp_world: int) -> float:
+    """Factor for each micro-batch's weighted token-loss sum before ``engine.backward``.
+
+    DeepSpeed divides every micro-batch loss by ``grad_accum`` and averages gradients over the
+    ``dp_world`` ranks. Multiplying by ``grad_accum * dp_world / denominator`` undoes both, so the applied
+    gradient is that of ``sum(weight * token loss) / denominator`` over the whole step. With ``token``
+    normalisation (weights 1, denominator the global supervised tokens) every supervised token weighs the
+    same whichever micro-batch or rank it sits in (not a mean of per-micro-batch means); with ``sequence``
+    (weights ``1/n`` per sample, denominator the global supervised samples) every sample does.
+
+    Example:
+        >>> backward_scale(100, grad_accum=4, dp_world=2)  # 100 supervised tokens in the step
+        0.08
+        >>> backward_scale(loss_denominator("sequence", supervised_tokens=100, supervised_samples=16), 4, 2)
+        0.5
+
+    Args:
+        denominator: The step's ``loss_denominator``: supervised tokens or samples, over micro-batches and
+            ranks.
         grad_accum: Micro-batches per rank per optimizer step.
         dp_world: Data-parallel ranks.
     """
-    return grad_accum * dp_world / max(global_tokens, 1)
+    return grad_accum * dp_world / max(denominator, 1)

@@ -73,6 +73,12 @@ class ModelShape:
             follow Korthikanti et al.'s GPT block (``activation_memory``).
         adapter_inputs, adapter_ranks: LoRA: the input features and the ranks of every adapted linear layer,
             summed over the model; adapter_dropout: ``peft.dropout``.
+        mlp_adapter_inputs, mlp_adapter_ranks: The MLP projections' share of those (a tiled MLP recomputes
+            them in backward instead of keeping them).
+        kv_heads, head_dim: ``num_key_value_heads`` and the head size (0: ``heads`` and ``hidden / heads``);
+            sequence parallelism's all-to-all moves q, k and v at these shapes.
+        tileable_mlp: The MLP is one ``parallelism.tiled_mlp`` tiles (gate_proj, up_proj, down_proj, act_fn;
+            not Phi-3's fused gate_up_proj).
     """
 
     params: int
@@ -87,11 +93,17 @@ class ModelShape:
     adapter_inputs: int = 0
     adapter_ranks: int = 0
     adapter_dropout: float = 0.0
+    mlp_adapter_inputs: int = 0
+    mlp_adapter_ranks: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    tileable_mlp: bool = True
 
 
 @dataclass(frozen=True)
 class Setup:
-    """How the model is trained: ZeRO stage, ranks, dtype, PEFT method and offload."""
+    """How the model is trained: ZeRO stage, ranks, dtype, PEFT method, offload and sequence parallelism
+    (ZeRO shards the model states over all ``world`` ranks whatever ``sequence_parallel`` is)."""
 
     zero_stage: int
     world: int
@@ -101,6 +113,7 @@ class Setup:
     offload_params: bool = False
     grad_accum_fp32: bool = True  # bf16 + ZeRO 1-3 under grad_accum_dtype=auto
     device: str = "gpu"  # gpu | cpu: what the run trains on (runtime_bytes, bucket_bytes)
+    sequence_parallel: int = 1  # ranks that split each row; data parallelism runs over world / this
 
 
 def model_states(shape: ModelShape, setup: Setup) -> dict[str, tuple[float, float]]:
@@ -345,7 +358,10 @@ def model_shape(config, peft: PeftConfig) -> ModelShape:
     text = getattr(config, "text_config", None) or config
     # a gated MLP (gate_proj, or Phi-3's fused gate_up_proj) is what activation_memory counts tensor by tensor
     gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in model.named_modules())
-    trainable, adapter_inputs, adapter_ranks = params, 0, 0
+    from sftdist.engine.tiling import MLP_PARTS
+
+    tileable = any(all(hasattr(m, part) for part in MLP_PARTS) for m in model.modules())
+    trainable, adapter_inputs, adapter_ranks, mlp_inputs, mlp_ranks = params, 0, 0, 0, 0
     if peft.method != "none":
         from peft.tuners.lora import LoraLayer
 
@@ -355,11 +371,17 @@ def model_shape(config, peft: PeftConfig) -> ModelShape:
             lora = apply_peft(model, PeftConfig(**{**vars(peft), "method": "lora"}))
         trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
         params = sum(p.numel() for p in lora.parameters())
-        adapted = [m for m in lora.modules() if isinstance(m, LoraLayer)]
-        adapter_inputs = sum(m.in_features for m in adapted)
-        adapter_ranks = sum(sum(m.r.values()) for m in adapted)
+        adapted = [(name, m) for name, m in lora.named_modules() if isinstance(m, LoraLayer)]
+        adapter_inputs = sum(m.in_features for _, m in adapted)
+        adapter_ranks = sum(sum(m.r.values()) for _, m in adapted)
+        mlp = [m for name, m in adapted if name.rsplit(".", 1)[-1] in MLP_PARTS]
+        mlp_inputs, mlp_ranks = sum(m.in_features for m in mlp), sum(sum(m.r.values()) for m in mlp)
     return ModelShape(params=params, trainable=trainable, quantized=quantized, largest_module=largest,
                       layers=text.num_hidden_layers, hidden=text.hidden_size, heads=text.num_attention_heads,
                       vocab=text.vocab_size, intermediate=getattr(text, "intermediate_size", 0) if gated else 0,
                       adapter_inputs=adapter_inputs, adapter_ranks=adapter_ranks,
-                      adapter_dropout=peft.dropout if peft.method != "none" else 0.0)
+                      adapter_dropout=peft.dropout if peft.method != "none" else 0.0,
+                      mlp_adapter_inputs=mlp_inputs, mlp_adapter_ranks=mlp_ranks,
+                      kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+                      head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                      tileable_mlp=tileable)

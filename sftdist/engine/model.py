@@ -78,7 +78,7 @@ def chat_template_text(value: str) -> str:
 
 
 def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_checkpointing: bool, seed: int,
-                quantize_4bit: bool = False):
+                quantize_4bit: bool = False, offload_checkpoints: bool = False):
     """Build a random-init model from ``cfg.from_config`` or load ``cfg.name_or_path``.
 
     A model built from a config gets its vocabulary sized to the tokenizer; a loaded model is resized
@@ -89,6 +89,8 @@ def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_check
         tokenizer: The run's tokenizer (for vocabulary size and special token ids).
         precision: ``fp32``, ``bf16`` or ``fp16``: the dtype the weights are created in.
         activation_checkpointing: Recompute activations in backward.
+        offload_checkpoints: Keep what checkpointing saves (each layer's input) in host memory
+            (``parallelism.activation_checkpointing_offload``; transformers' ``offload``).
         seed: Seed for random initialisation.
         quantize_4bit: Load the weights NF4-quantised with bitsandbytes (QLoRA; CUDA only).
     """
@@ -120,10 +122,14 @@ def build_model(cfg: ModelConfig, tokenizer, *, precision: str, activation_check
         c.eos_token_id = tokenizer.eos_token_id
         c.pad_token_id = tokenizer.pad_token_id
     if activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers warn on the old name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        # each layer's saved input in pinned host memory, back for its recompute (on CPU it is there already)
+        if offload_checkpoints and torch.cuda.is_available():
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=True)
+        elif hasattr(model, "activation_checkpointing_enable"):  # newer transformers warn on the old name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     return model
 

@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from sftdist.engine import sequence_parallel
 from sftdist.engine.distributed import barrier, is_main, main_only, rank, world_size
 from sftdist.lifecycle.safe_load import UnsafeCheckpointError, weights_only_loads
 
@@ -117,7 +118,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_set
         barrier()  # every rank's shards and RNG state are on disk
         if is_main():
             write_trainer_state(tmp, {"step": step, "world_size": world_size(),
-                                      "zero_stage": engine.zero_optimization_stage(), "run": run_settings,
+                                      "zero_stage": engine.zero_optimization_stage(),
+                                      "sequence_parallel_size": sequence_parallel.size(), "run": run_settings,
                                       "eval": eval_state or {}, "resumed_from": resumed_from,
                                       "wandb_id": wandb_id})
             publish(root, tag)

@@ -3,8 +3,9 @@
 The sample order is a pure function of the step, the mixed data and a few settings (``loader.py``). A
 checkpoint stores them in ``trainer_state.json``; a resume compares them with the new run's and stops with an
 error naming every difference, since a changed global batch size, seed, max_length, tokenizer or data set
-would silently shift the samples of every later step. ``train.resume_allow_changes=true`` resumes anyway and
-logs the differences. Learning rate, schedule, run length and logging may change freely.
+would silently shift the samples of every later step. The loss options are compared too: a changed objective
+would silently train the rest of the run toward something else. ``train.resume_allow_changes=true`` resumes
+anyway and logs the differences. Learning rate, schedule, run length and logging may change freely.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from sftdist.data.prepare import PIPELINE_VERSION, tokenizer_fingerprint
 # and ``generic``, which only says which eval curves are the forgetting curve.
 SOURCE_KEYS = ("path", "format", "columns", "max_samples", "split", "config", "revision", "eval_fraction",
                "eval_path")
-DATA_KEYS = ("train_on", "truncation", "on_bad_record", "dedup", "min_reply_tokens", "drop_cut_replies")
+# What each step trains toward: the loss, what weighs the same in it, and the noise its forward adds.
+LOSS_KEYS = ("loss", "loss_normalization", "neftune_alpha")
+DATA_KEYS = ("train_on", "split_turns", "truncation", "on_bad_record", "dedup", "min_reply_tokens", "drop_cut_replies")
 
 
 def run_settings(cfg: SFTConfig, tokenizer) -> dict[str, Any]:
-    """The settings that decide the sample order and the token ids, as ``{config key: value}``, one key per
-    config field, so that a refused resume names the field. An unset value and its explicit empty default
-    (``columns: {}``, ``eval_fraction: 0``) are the same value. A source's files are compared by the records
-    the data stage kept (``data_summary``), not by their size or time, so a copied or touched file resumes.
+    """The settings that decide the sample order, the token ids and the loss, as ``{config key: value}``, one
+    key per config field, so that a refused resume names the field. An unset value and its explicit empty
+    default (``columns: {}``, ``eval_fraction: 0``) are the same value. A source's files are compared by the
+    records the data stage kept (``data_summary``), not by their size or time, so a copied or touched file
+    resumes.
     """
     t, d = cfg.train, cfg.data
     settings: dict[str, Any] = {
@@ -35,6 +39,7 @@ def run_settings(cfg: SFTConfig, tokenizer) -> dict[str, Any]:
         "data.sources": [s.name for s in d.sources], "data.pipeline_version": PIPELINE_VERSION,
     }
     settings["model"] = model_identity(cfg)
+    settings |= {f"train.{k}": getattr(t, k) for k in LOSS_KEYS}
     settings |= {f"data.{k}": getattr(d, k) for k in DATA_KEYS}
     if d.dedup == "near":
         settings["data.near_dup_threshold"] = d.near_dup_threshold

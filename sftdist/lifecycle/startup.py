@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from sftdist.config import ConfigError
-from sftdist.data.build import TrainData, make_batch, mix_report
+from sftdist.data.build import TrainData, make_batch, mix_report, split_note
 from sftdist.data.loader import SampleSchedule
-from sftdist.engine.distributed import all_reduce_sum, device, log, rank, world_size
+from sftdist.engine import attention, sequence_parallel
+from sftdist.engine.distributed import all_reduce_sum, device, log, world_size
 from sftdist.engine.forward import LossHead, check_supervised_head
+from sftdist.engine.memory_plan import hf_config
 from sftdist.lifecycle.checkpoint import saved_state
 from sftdist.lifecycle.resume_check import check_unchanged
 from sftdist.observe.progress import start_summary
@@ -33,9 +35,11 @@ def check_same_run(checkpoint: Path, now: dict, *, allow: bool) -> None:
 SAME_CHECKPOINT_FORMAT = ({0}, {1, 2}, {3})
 
 
-def check_zero_stage(checkpoint: Path, zero_stage: int) -> None:
+def check_zero_stage(checkpoint: Path, zero_stage: int, sequence_parallel_size: int = 1) -> None:
     """Stop (ConfigError), before any work, when the checkpoint was written under a ZeRO stage whose format
-    ``zero_stage`` cannot load (DeepSpeed's loader fails with a bare assertion, after the model is built).
+    ``zero_stage`` cannot load (DeepSpeed's loader fails with a bare assertion, after the model is built), or
+    under another ``parallelism.sequence_parallel_size``: DeepSpeed writes the model states of each
+    sequence-parallel rank as a model-parallel shard, which only the same layout loads.
 
     Example:
         >>> import json, tempfile
@@ -47,12 +51,53 @@ def check_zero_stage(checkpoint: Path, zero_stage: int) -> None:
         ...
         sftdist.config.checks.ConfigError: parallelism.zero_stage: 2 -> 3: ...
     """
-    saved = saved_state(checkpoint).get("zero_stage")
+    state = saved_state(checkpoint)
+    saved_sp = state.get("sequence_parallel_size", 1)
+    if saved_sp != sequence_parallel_size or (saved_sp > 1 and state.get("world_size") != world_size()):
+        raise ConfigError(
+            f"parallelism.sequence_parallel_size: {saved_sp} -> {sequence_parallel_size}: {checkpoint} was "
+            f"written with sequence_parallel_size={saved_sp} on {state.get('world_size')} process(es); a "
+            f"sequence-parallel checkpoint resumes only with the same size on as many processes (resume with "
+            f"parallelism.sequence_parallel_size={saved_sp} on {state.get('world_size')}, or start a new run "
+            f"from its final/ weights)")
+    saved = state.get("zero_stage")
     if saved is None or any({saved, zero_stage} <= same for same in SAME_CHECKPOINT_FORMAT):
         return
     raise ConfigError(f"parallelism.zero_stage: {saved} -> {zero_stage}: {checkpoint} was written under ZeRO-"
                       f"{saved}, whose checkpoint another stage cannot load; resume with "
                       f"parallelism.zero_stage={saved} (stages 1 and 2 load each other's), or start a new run")
+
+
+def check_sequence_parallel(cfg, world: int) -> int:
+    """``parallelism.sequence_parallel_size`` checked against the processes and the model's config, before any
+    work (one ConfigError naming the key); returns it."""
+    sp = cfg.parallelism.sequence_parallel_size
+    if sp == 1:
+        return sp
+    if world % sp:
+        raise ConfigError(f"parallelism.sequence_parallel_size={sp} must divide the {world} process(es) of this "
+                          f"job (each group of {sp} ranks splits a sequence; data parallelism runs across groups)")
+    try:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF  # noqa: F401
+    except ImportError as e:
+        import deepspeed
+
+        raise ConfigError(f"parallelism.sequence_parallel_size={sp} needs DeepSpeed's Ulysses attention "
+                          f"(deepspeed.runtime.sequence_parallel, DeepSpeed >= 0.17.2; tested with 0.19), which "
+                          f"DeepSpeed {deepspeed.__version__} lacks: pip install -U deepspeed") from e
+    problem = sequence_parallel.model_problem(hf_config(cfg.model).get_text_config(), sp,
+                                              cfg.model.attn_implementation, cfg.train.max_length)
+    if problem:
+        raise ConfigError(f"parallelism.sequence_parallel_size={sp} does not fit this model: {problem}")
+    return sp
+
+
+def check_attention(model, sp: int) -> None:
+    """The loaded model runs the attention sequence parallelism needs (``check_sequence_parallel`` saw only
+    its config)."""
+    if sp > 1 and model.config._attn_implementation != attention.NAME:
+        raise ConfigError(f"parallelism.sequence_parallel_size={sp} needs sdpa attention run by document; "
+                          f"this model runs {model.config._attn_implementation}")
 
 
 def log_data_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
@@ -62,7 +107,8 @@ def log_data_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
     report = mix_report(data, schedule)
     for r, source in zip(report, data.sources):
         skipped = {k: v for k, v in r["statuses"].items() if k != "ok"}
-        log(f"data {r['source']}: {r['kept']}/{r['records']} records kept{f' {skipped}' if skipped else ''}; per epoch "
+        log(f"data {r['source']}: {r['kept']}/{r['records']} records kept{f' {skipped}' if skipped else ''}"
+            f"{split_note(r['split'])}; per epoch "
             f"{r['samples_per_epoch']} samples = {r['sample_share']:.1%} of samples, "
             f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited"
             + ("; generic: its eval_loss_delta is the forgetting curve" if source.generic and source.eval else ""))
@@ -83,7 +129,7 @@ def choose_head(engine, data: TrainData, schedule: SampleSchedule, *, mode: str,
     """
     if mode != "supervised":
         return LossHead(mode, chunk_tokens)
-    first = schedule.micro_batches(step, rank(), world_size(), micro_batch_size)[0]
+    first = schedule.micro_batches(step, sequence_parallel.dp_rank(), sequence_parallel.dp_world(), micro_batch_size)[0]
     return head_for_batch(engine, make_batch(data, first, pad_id, packed=packed), mode=mode, chunk_tokens=chunk_tokens)
 
 

@@ -19,7 +19,8 @@ import torch
 from sftdist.config import EarlyStoppingConfig
 from sftdist.data.build import TrainData, make_batch
 from sftdist.data.tokenize import IGNORE_INDEX
-from sftdist.engine.distributed import all_reduce_sum, device, log, rank, world_size
+from sftdist.engine import sequence_parallel
+from sftdist.engine.distributed import all_reduce_sum, device, log
 from sftdist.engine.forward import LossHead
 from sftdist.engine.loss import per_source_sums
 
@@ -46,7 +47,7 @@ def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int, hea
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively), padding
     its share with a masked-out repeat of a record when the split does not divide evenly.
     """
-    rank_, world, dev = rank(), world_size(), device()
+    rank_, world, dev = sequence_parallel.dp_rank(), sequence_parallel.dp_world(), device()
     names, num = data.names, len(data.sources)
     sums = torch.zeros(2 * num, dtype=torch.float64, device=dev)
     samples = [(s, i) for s, src in enumerate(data.sources) if src.eval is not None for i in range(len(src.eval))]
@@ -59,7 +60,7 @@ def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int, hea
             chunk = mine[start:start + micro_batch_size]
             batch = make_batch(data, [[c or samples[0]] for c in chunk], pad_id, packed=False, split="eval")
             batch["targets"][[i for i, c in enumerate(chunk) if c is None]] = IGNORE_INDEX
-            batch = {k: v.to(dev) for k, v in batch.items()}
+            batch = {k: v.to(dev) for k, v in sequence_parallel.local_batch(batch, pad_id).items()}
             losses, mask = head.losses(engine, batch)
             sums += per_source_sums(losses, batch["token_source"][mask], num)
     engine.train()

@@ -250,8 +250,8 @@ class ForgettingProbe:
             self.record_base(model)
         if self.base is None:
             if self.off_reason is None:
-                self.off_reason = (f"note: no forgetting probe record of the base model in this run's checkpoint "
-                                   f"(made at step 0 of a full fine-tune): forgetting/* is not reported")
+                self.off_reason = ("note: no forgetting probe record of the base model in this run's checkpoint "
+                                   "(made at step 0 of a full fine-tune): forgetting/* is not reported")
                 return {}, [], self.off_reason
             return {}, [], None
         if step == 0:

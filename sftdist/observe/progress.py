@@ -158,8 +158,9 @@ class PhaseProgress:
 
 def start_summary(*, model_name: str, trainable: str, mix: list[dict], global_batch_size: int, epoch_len: int,
                   max_steps: int, world: int, zero_stage: int, precision: str, grad_accum: int, packing: bool,
-                  max_length: int, run_dir: str) -> list[str]:
-    """The lines a user checks before walking away from a run.
+                  max_length: int, run_dir: str, sequence_parallel: int = 1) -> list[str]:
+    """The lines a user checks before walking away from a run (``world`` processes, in data-parallel groups
+    of ``sequence_parallel`` ranks that split each row).
 
     ``mix`` is ``data.mix_report``: tokens per step are the first epoch's tokens per sequence times the
     global batch (sequences are samples, or packed rows of up to ``max_length``).
@@ -178,13 +179,16 @@ def start_summary(*, model_name: str, trainable: str, mix: list[dict], global_ba
     shares = [f"{m['source']} {m['sample_share']:.1%} of samples / {m['supervised_token_share']:.1%} of supervised "
               f"tokens" if i == 0 else f"{m['source']} {m['sample_share']:.1%} / {m['supervised_token_share']:.1%}"
               for i, m in enumerate(mix)]
-    micro = global_batch_size // max(world * grad_accum, 1)
+    dp = world // sequence_parallel
+    micro = global_batch_size // max(dp * grad_accum, 1)
     rows = f"packed rows of up to {max_length} tokens" if packing else "sequences"
+    ranks = f"{world} process(es)" if sequence_parallel == 1 else \
+        f"{dp} data-parallel group(s) of {sequence_parallel} sequence-parallel ranks"
     return [f"model:      {model_name}",
             f"parameters: {trainable}",
             f"data mix:   {', '.join(shares)}",
-            f"per step:   {global_batch_size} {rows} ({world} process(es) x {micro} micro-batch x {grad_accum} "
+            f"per step:   {global_batch_size} {rows} ({ranks} x {micro} micro-batch x {grad_accum} "
             f"accumulation), ~{tokens:,.0f} tokens, ~{supervised:,.0f} supervised",
             f"run:        {world} process(es), ZeRO-{zero_stage}, {precision}, grad accumulation {grad_accum}, "
-            f"{max_steps} steps",
+            + (f"sequence parallel {sequence_parallel}, " if sequence_parallel > 1 else "") + f"{max_steps} steps",
             f"run dir:    {run_dir}"]

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from sftdist.engine.distributed import all_reduce_sum, has_gpu
+from sftdist.engine.loss import supervised_samples
 from sftdist.observe.flops import (
     FlopsModel,
     attention_work,
@@ -25,20 +26,23 @@ GIB = 2 ** 30
 
 
 def batch_counts(batches: list[dict[str, torch.Tensor]]) -> list[int]:
-    """``[supervised, tokens, slots, attention_work]`` of this rank's micro-batches: supervised positions,
-    non-padding tokens, all token slots (padding included) and the sum of squared document lengths.
+    """``[supervised, tokens, slots, attention_work, supervised_samples]`` of this rank's micro-batches:
+    supervised positions, non-padding tokens, all token slots (padding included), the sum of squared
+    document lengths, and the samples with a supervised position (``train.loss_normalization=sequence``
+    divides by their sum over ranks).
 
     Example:
         >>> b = {"targets": torch.tensor([[5, -100, 7, -100]]), "token_source": torch.tensor([[0, 0, 1, -1]]),
-        ...      "input_ids": torch.tensor([[1, 2, 3, 0]]), "position_ids": torch.tensor([[0, 1, 0, 0]])}
+        ...      "input_ids": torch.tensor([[1, 2, 3, 0]]), "position_ids": torch.tensor([[0, 1, 0, 0]]),
+        ...      "sample_index": torch.tensor([[0, 0, 1, -1]])}
         >>> batch_counts([b, b])
-        [4, 6, 8, 10]
+        [4, 6, 8, 10, 4]
     """
     supervised = sum(int((b["targets"] != -100).sum()) for b in batches)
     tokens = sum(int((b["token_source"] >= 0).sum()) for b in batches)
     slots = sum(b["input_ids"].numel() for b in batches)
     work = sum(attention_work(b["position_ids"], b["token_source"]) for b in batches)
-    return [supervised, tokens, slots, work]
+    return [supervised, tokens, slots, work, sum(supervised_samples(b) for b in batches)]
 
 
 def device_peak_flops(precision: str, override: Optional[float]) -> tuple[Optional[float], str]:
@@ -101,11 +105,17 @@ class StepMeter:
 
 
 def memory_metrics() -> dict[str, float]:
-    """``mem/host_rss_gib`` of this process and, on a GPU, ``mem/device_{allocated,reserved,peak}_gib``
-    (peak: the most allocated since the run started)."""
+    """``mem/host_rss_gib`` of this process, ``mem/host_peak_rss_gib`` (the most it has held since it started,
+    the data stage included) and, on a GPU, ``mem/device_{allocated,reserved,peak}_gib`` (peak: the most
+    allocated since the run started)."""
+    import resource
+
     import psutil
 
-    row = {"mem/host_rss_gib": psutil.Process().memory_info().rss / GIB}
+    rss = psutil.Process().memory_info().rss
+    # (the kernel's high-water mark, in KiB, trails the current RSS by a few pages it has not synced yet)
+    row = {"mem/host_rss_gib": rss / GIB,
+           "mem/host_peak_rss_gib": max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GIB}
     if has_gpu():
         row |= {"mem/device_allocated_gib": torch.cuda.memory_allocated() / GIB,
                 "mem/device_reserved_gib": torch.cuda.memory_reserved() / GIB,

@@ -26,6 +26,7 @@ from sftdist.config import ConfigError, SFTConfig, load_run_config
 from sftdist.data.build import SourceData, TrainData, make_batch
 from sftdist.data.messages import DataError, to_conversation
 from sftdist.data.prepare import OK_STATUSES, dedup_statuses, encode_record, raw_splits
+from sftdist.data.split_turns import encode_samples, split_views, turn_messages
 from sftdist.data.tokenize import encode_conversation
 from sftdist.engine import attention
 
@@ -84,24 +85,31 @@ def _encode_kwargs(cfg: SFTConfig, source, tokenizer) -> dict:
     d = cfg.data
     return dict(fmt=source.format, columns=dict(source.columns), train_on=d.train_on, max_length=cfg.train.max_length,
                 truncation=d.truncation, tokenizer=tokenizer, min_reply_tokens=d.min_reply_tokens,
-                drop_cut_replies=d.drop_cut_replies)
+                drop_cut_replies=d.drop_cut_replies, split_turns=d.split_turns)
 
 
 def kept_records(table: dict[str, list], source, cfg: SFTConfig, tokenizer) -> list[dict]:
-    """The records of a raw split that the data stage keeps, in its order, each with its ``messages``,
-    ``tools`` and zero-shot encoding (``input_ids``, ``num_tokens``): the same filters, dedup and statuses
-    as ``prepare._encode_table``, so the i-th entry is the i-th row of the cached split."""
+    """The samples of a raw split that the data stage keeps, in its order, each with its ``messages``,
+    ``tools`` and zero-shot encoding (``input_ids``, ``num_tokens``): the same filters, dedup, statuses and
+    ``data.split_turns`` as ``prepare._encode_table``, so the i-th entry is the i-th row of the cached split.
+    The sample of one reply of a split conversation has the conversation up to that reply as its messages,
+    with only that reply trained."""
     pre = dedup_statuses(table, source.format, dict(source.columns), cfg.data.dedup, cfg.data.near_dup_threshold)
     kw = _encode_kwargs(cfg, source, tokenizer)
     out = []
     for raw, where, error, status in zip(table["raw"], table["where"], table["read_error"], pre):
         if error or status:
             continue
-        enc = encode_record(raw, where, **kw)
-        if enc["status"] in OK_STATUSES:
-            messages, tools = to_conversation(json.loads(raw), source.format, where, dict(source.columns))
-            out.append({"where": where, "messages": messages, "tools": tools, "input_ids": enc["input_ids"],
-                        "num_tokens": enc["num_tokens"]})
+        samples = encode_record(raw, where, **kw)
+        if not any(enc["status"] in OK_STATUSES for enc in samples):
+            continue
+        messages, tools = to_conversation(json.loads(raw), source.format, where, dict(source.columns))
+        views = split_views(tokenizer, messages, tools, train_on=cfg.data.train_on, split_turns=cfg.data.split_turns)
+        for view, enc in zip(views or [None], samples):
+            if enc["status"] in OK_STATUSES:
+                out.append({"where": enc["where"], "tools": tools, "input_ids": enc["input_ids"],
+                            "messages": messages if view is None else turn_messages(messages, view.turn),
+                            "num_tokens": enc["num_tokens"]})
     return out
 
 
@@ -130,7 +138,11 @@ def few_shot_row(record: dict, shots: list[dict], cfg: SFTConfig, tokenizer) -> 
         messages = few_shot_conversation([s["messages"] for s in kept], record["messages"])
         tools = merged_tools(*(s["tools"] for s in kept), record["tools"])
         try:
-            enc = encode_conversation(tokenizer, messages, tools=tools, train_on=cfg.data.train_on)
+            # A record's sample of one reply (data.split_turns) stays one sample, rendered as at inference.
+            samples = encode_samples(tokenizer, messages, tools, train_on=cfg.data.train_on,
+                                     split_turns=cfg.data.split_turns)
+            enc = (samples[0][1] if len(samples) == 1 else
+                   encode_conversation(tokenizer, messages, tools=tools, train_on=cfg.data.train_on))
         except Exception:  # noqa: BLE001 - a template refusing the longer conversation: try fewer shots
             continue
         if len(enc["input_ids"]) <= cfg.train.max_length:

@@ -10,7 +10,7 @@ import time
 from typing import Optional
 
 from sftdist.config import ConfigError, SFTConfig, compose_config
-from sftdist.data.build import build_for_run, mix_report
+from sftdist.data.build import build_for_run, mix_report, split_note
 from sftdist.data.messages import DataError
 
 
@@ -41,7 +41,8 @@ def prepare_main(argv: Optional[list[str]] = None) -> None:
     for warning in data.warnings:
         print(f"warning: {warning}")
     for row, d in zip(mix_report(data, schedule), dirs):
-        print(f"{row['source']}: {row['kept']}/{row['records']} records kept {row['statuses']}; "
+        print(f"{row['source']}: {row['kept']}/{row['records']} records kept {row['statuses']}"
+              f"{split_note(row['split'])}; "
               f"{row['sample_share']:.1%} of samples, {row['supervised_token_share']:.1%} of supervised tokens; "
               f"{row['audited']} masks audited; cache {d}")
     print(f"data stage done in {time.time() - start:.1f}s; training with the same overrides reuses this cache")

@@ -82,8 +82,9 @@ def length_percentiles(lengths: list[int]) -> dict[str, int]:
 
 
 def source_stats(data: TrainData, schedule: SampleSchedule) -> list[list[str]]:
-    """One row of ``COLUMNS`` per source: what was kept and why the rest was not, the supervised fraction,
-    sample lengths, and the realised mix of the first epoch."""
+    """One row of ``COLUMNS`` per source: what was kept (and how many conversations ``data.split_turns``
+    split into how many samples) and why the rest was not, the supervised fraction, sample lengths, and the
+    realised mix of the first epoch."""
     rows = []
     for src, mix in zip(data.sources, mix_report(data, schedule)):
         st = src.stats
@@ -92,7 +93,9 @@ def source_stats(data: TrainData, schedule: SampleSchedule) -> list[list[str]]:
         p = length_percentiles(list(src.train["num_tokens"]))
         rows.append([
             src.name, src.format, str(st["records"]),
-            f"{st['kept']}" + (f" ({truncated} truncated)" if truncated else ""),
+            f"{st['kept']}" + (f" ({truncated} truncated)" if truncated else "")
+            + (f" ({mix['split']['conversations']} split into {mix['split']['samples']} samples)"
+               if mix["split"]["conversations"] else ""),
             f"{sum(bad.values())}" + (f" ({', '.join(f'{k}={v}' for k, v in bad.items())})" if bad else ""),
             f"{st['supervised_tokens'] / max(st['tokens'], 1):.1%}",
             "/".join(str(p[k]) for k in ("p50", "p90", "p99", "max")),

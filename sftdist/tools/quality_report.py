@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import json
 from collections import Counter
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 from sftdist.config import DataConfig
 from sftdist.data import quality as q

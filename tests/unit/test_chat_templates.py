@@ -74,9 +74,10 @@ def _base(name: str):
     return AutoTokenizer.from_pretrained(SHARED / "tokenizers" / name)
 
 
-def template_tokenizer(base: str, template: str):
-    """A real vocabulary carrying ``template``, with its markers, bos and eos as special tokens."""
-    tok = copy.deepcopy(_base(base))
+def template_tokenizer(base, template: str):
+    """A real vocabulary carrying ``template``, with its markers, bos and eos as special tokens (``base``: a
+    tokenizer of ../shared/tokenizers by name, or a tokenizer, which is copied)."""
+    tok = copy.deepcopy(_base(base) if isinstance(base, str) else base)
     markers = set(MARKER_RE.findall(template)) - {"<<SYS>>", "<</SYS>>"}
     eos = next((e for e in EOT_GUESS if e in template), "</s>")
     bos = next((b for b in ("<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<bos>", "<BOS_TOKEN>") if b in template),

@@ -18,6 +18,7 @@ def test_collate_pads_and_shifts_per_example():
         "position_ids": [[0, 1, 2], [0, 1, 0]],
         "targets": [[6, 7, -100], [9, -100, -100]],
         "token_source": [[1, 1, 1], [0, 0, -1]],
+        "sample_index": [[0, 0, 0], [1, 1, -1]],
     }
     assert all(v.dtype == torch.long for v in batch.values())
 

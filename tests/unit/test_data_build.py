@@ -14,6 +14,7 @@ import sftdist.data.loader
 import sftdist.data.messages
 import sftdist.data.prepare
 import sftdist.data.reply_spans
+import sftdist.data.split_turns
 import sftdist.data.template_shape
 import sftdist.data.tokenize
 import sftdist.engine.loss
@@ -192,7 +193,7 @@ def test_demo_data_is_deterministic_and_varied():
 
 @pytest.mark.parametrize("module", [sftdist.data.audit, sftdist.data.build, sftdist.data.collate, sftdist.data.loader,
                                     sftdist.data.messages, sftdist.data.prepare, sftdist.data.tokenize,
-                                    sftdist.data.reply_spans,
+                                    sftdist.data.reply_spans, sftdist.data.split_turns,
                                     sftdist.data.template_shape, sftdist.engine.loss, sftdist.engine.optim,
                                     sftdist.cluster.launch])
 def test_docstring_examples(module):
@@ -221,7 +222,7 @@ def test_template_without_end_of_turn_token_is_refused_or_trains_with_a_warning(
 
 def test_mask_audit_names_the_template_and_rule(tmp_path, demo_tokenizer, monkeypatch):
     """A wrong mask (here: an encoder that forgets the end-of-turn token) stops the run before training."""
-    import sftdist.data.audit as audit
+    import sftdist.data.split_turns as split_turns  # the audit encodes each sample through it
 
     def forgetful(tokenizer, messages, **kw):
         enc = encode_conversation(tokenizer, messages, **kw)
@@ -230,7 +231,7 @@ def test_mask_audit_names_the_template_and_rule(tmp_path, demo_tokenizer, monkey
         labels[last] = -100
         return {**enc, "labels": labels}
 
-    monkeypatch.setattr(audit, "encode_conversation", forgetful)
+    monkeypatch.setattr(split_turns, "encode_conversation", forgetful)
     path = write_jsonl(tmp_path / "c.jsonl", [GOOD] * 3)
     with pytest.raises(DataError, match=r"mask audit failed for data source 'c', .*c.jsonl: line \d.*"
                                         r"rule end_of_turn_trained: token \d+ '<\|im_end\|>' is not supervised "

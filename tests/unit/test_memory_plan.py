@@ -215,33 +215,39 @@ def _saved_bytes(model, ids, pos) -> int:
 
 
 @pytest.mark.parametrize("method", ["none", "lora"])
-def test_one_layers_activations_are_what_autograd_saves(method):
+@pytest.mark.parametrize("tiled", [False, True], ids=["", "tiled_mlp"])
+def test_one_layers_activations_are_what_autograd_saves(method, tiled):
     """The per-layer count of activation_memory against the bytes a Llama layer saves under sftdist's attention
     (packed rows, sdpa by document) on CPU: the difference between a 3- and a 2-layer model is one layer, so the
-    embedding's and the first layer's special cases (no gradient into a frozen embedding) drop out."""
+    embedding's and the first layer's special cases (no gradient into a frozen embedding) drop out. With the
+    MLP tiled (parallelism.tiled_mlp; 256 positions over hidden 64: 4 tiles) autograd keeps the MLP's input
+    only, and none of its adapters' tensors."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftdist.engine import attention
+    from sftdist.engine import attention, tiling
     from sftdist.engine.activation_memory import layer_bytes_per_token
     from sftdist.engine.adapter import apply_peft
 
     peft = PeftConfig(method=method, r=4, alpha=8, dropout=0.1, target_modules=["all-linear"])
-    b, s, saved = 2, 64, {}
+    b, s, saved = 2, 256 if tiled else 64, {}
     ids = torch.randint(0, 128, (b, s))
-    pos = torch.cat([torch.arange(40), torch.arange(24)]).repeat(b, 1)
+    pos = torch.cat([torch.arange(s * 5 // 8), torch.arange(s * 3 // 8)]).repeat(b, 1)
     for layers in (2, 3):
         config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, vocab_size=128, use_cache=False)
-        model = attention.use_for(LlamaForCausalLM(config), "sdpa", s)
-        saved[layers] = _saved_bytes(apply_peft(model, peft).train().get_base_model().model
-                                     if method != "none" else model.train().model, ids, pos)
-    # q, k, v, o, gate, up take 64 features, down 176; seven rank-4 outputs
-    lora = {"adapter_inputs": 6 * 64 + 176, "adapter_ranks": 7 * 4, "adapter_dropout": 0.1} if method != "none" else {}
+        model = apply_peft(attention.use_for(LlamaForCausalLM(config), "sdpa", s), peft)
+        if tiled:
+            assert tiling.tile_mlps(model) == layers
+        saved[layers] = _saved_bytes(model.train().get_base_model().model if method != "none"
+                                     else model.train().model, ids, pos)
+    # q, k, v, o, gate, up take 64 features, down 176; seven rank-4 outputs (three of them the MLP's)
+    lora = {"adapter_inputs": 6 * 64 + 176, "adapter_ranks": 7 * 4, "adapter_dropout": 0.1,
+            "mlp_adapter_inputs": 2 * 64 + 176, "mlp_adapter_ranks": 3 * 4} if method != "none" else {}
     shape = ModelShape(params=0, trainable=0, quantized=0, largest_module=0, layers=1, hidden=64, heads=4,
                        vocab=128, intermediate=176, **lora)
     planned = b * s * layer_bytes_per_token(shape, seq=s, precision="fp32", fused_attention=True,
-                                            frozen_base=method != "none", device="cpu")
+                                            frozen_base=method != "none", device="cpu", tiled_mlp=tiled)
     assert planned == pytest.approx(saved[3] - saved[2], rel=0.03)
 
 

@@ -43,12 +43,13 @@ def test_padding_and_attention_counts_of_a_known_batch():
     padded = collate([example(3, 1), example(5, 2)], pad_id=0)
     # packed: one row [3 + 2 tokens] and one [4 tokens + 1 padding]
     packed = collate_packed([[example(3, 1), example(2, 2, 1)], [example(4, 3)]], pad_id=0)
-    supervised, tokens, slots, attention = batch_counts([padded, packed])
+    supervised, tokens, slots, attention, samples = batch_counts([padded, packed])
     # collate shifts labels left by one: a sample with k supervised labels has k targets unless its first
     # label is supervised (then k - 1: the first token is never a target)
     assert supervised == int((padded["targets"] != -100).sum() + (packed["targets"] != -100).sum())
     assert (tokens, slots) == (3 + 5 + 3 + 2 + 4, 10 + 10)
     assert attention == 3 ** 2 + 5 ** 2 + 3 ** 2 + 2 ** 2 + 4 ** 2  # per document, padding excluded
+    assert samples == 5  # every example has a supervised target
     flops = FlopsModel(trainable_params=10, frozen_params=0, head_params=4, head_trainable=True, layers=1,
                        attention_dim=2)
     meter = StepMeter(flops, peak_flops=1000.0, head_everywhere=False)
@@ -57,7 +58,7 @@ def test_padding_and_attention_counts_of_a_known_batch():
     assert row["tokens_per_sec"] == tokens / 2 and row["supervised_tokens_per_sec"] == supervised / 2
     assert row["model_flops"] == flops.step_flops(tokens, attention, supervised)
     assert row["mfu"] == pytest.approx(row["model_flops"] / 2.0 / 1000.0)
-    assert row["mem/host_rss_gib"] > 0
+    assert 0 < row["mem/host_rss_gib"] <= row["mem/host_peak_rss_gib"]
     everywhere = StepMeter(flops, peak_flops=None, head_everywhere=True).metrics(
         supervised=supervised, tokens=tokens, slots=slots, attention=attention, seconds=2.0)
     assert everywhere["model_flops"] == flops.step_flops(tokens, attention, tokens) and everywhere["mfu"] is None

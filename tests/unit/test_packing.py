@@ -90,13 +90,16 @@ def test_collate_packed_hand_written():
             [{"input_ids": [1], "labels": [1]}, {"input_ids": [2], "labels": [2]},
              {"input_ids": [4, 5], "labels": [-100, 5], "source": 3}]]
     batch = collate_packed(rows, pad_id=0)
-    assert set(batch) == {"input_ids", "position_ids", "targets", "token_source"}  # no attention_mask
+    # no attention_mask
+    assert set(batch) == {"input_ids", "position_ids", "targets", "token_source", "sample_index"}
     assert {k: v.tolist() for k, v in batch.items()} == {
         "input_ids": [[5, 6, 7, 8, 9], [3, 4, 0, 0, 0], [1, 2, 4, 5, 0]],
         "position_ids": [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2], [0, 0, 0, 1, 0]],
         # 7 does not predict 8, and 1 does not predict 2: each example's last position is -100.
         "targets": [[6, 7, -100, 9, -100], [4, -100, -100, -100, -100], [-100, -100, 5, -100, -100]],
         "token_source": [[1, 1, 1, 2, 2], [0, 0, -1, -1, -1], [0, 0, 3, 3, -1]],
+        # the examples of the whole micro-batch numbered row by row; -1 on padding
+        "sample_index": [[0, 0, 0, 1, 1], [2, 2, -1, -1, -1], [3, 4, 5, 5, -1]],
     }
     assert all(v.dtype == torch.long for v in batch.values())
 

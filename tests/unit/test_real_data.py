@@ -49,7 +49,9 @@ def test_real_set_passes_the_data_stage_and_mask_audit(shared_dir, tmp_path, tok
                      on_bad_record="skip" if limited else "error")  # error: any bad record raises
     data = build_datasets(cfg, tok, max_length=4096, seed=0)
     stats = data.sources[0].stats
-    assert stats["statuses"].get("ok", 0) + stats["statuses"].get("truncated", 0) == stats["kept"] > 0
+    # Statuses count samples: a conversation that data.split_turns splits gives one per trained reply.
+    assert stats["statuses"].get("ok", 0) + stats["statuses"].get("truncated", 0) == stats["samples"] > 0
+    assert stats["samples"] == stats["kept"] + stats["split"]["samples"] - stats["split"]["conversations"]
     if limited:
         assert set(stats["statuses"]) == {"ok", "render_failed"}
     else:
@@ -79,7 +81,7 @@ def test_no_record_of_the_real_sets_is_dropped_for_a_mask_reason(shared_dir, tok
         source = DataSource(name=name, path=str(shared_dir / "datasets" / file), format=fmt)
         for where, row in read_records(source):
             to_conversation(row, fmt, where)  # every shared record is valid
-            out = encode_record(json.dumps(row), where, fmt=fmt, columns={}, train_on="assistant",
-                                max_length=1 << 20, truncation="truncate", tokenizer=tok)
-            statuses[out["status"]] = statuses.get(out["status"], 0) + 1
+            for out in encode_record(json.dumps(row), where, fmt=fmt, columns={}, train_on="assistant",
+                                     max_length=1 << 20, truncation="truncate", tokenizer=tok):
+                statuses[out["status"]] = statuses.get(out["status"], 0) + 1
     assert statuses.get("ok", 0) > 2000 and set(statuses) <= {"ok", "render_failed"}, statuses
