@@ -4,17 +4,20 @@ weights, under ZeRO-1 (with LoRA and per-sample loss weights), ZeRO-2 and ZeRO-3
 engines, DeepSpeed's Ulysses attention and gloo all-to-alls. Each SP rank holds half of every packed row, so
 documents are cut across ranks and attention by document must still see whole documents.
 
-A run stopped after step 2 and resumed with SP=2 continues exactly; a resume with another SP size is refused
-before the model loads."""
+A run resumed from step 2 with SP=2 continues exactly; a resume with another SP size is refused before the
+model loads."""
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import read_metrics, train_single, train_torchrun
+from sftdist.config import ConfigError
+from sftdist.lifecycle.startup import check_zero_stage
+from tests.conftest import FAST, read_metrics, train_torchrun
 from tests.dist.test_loss_equivalence import assert_weights_close
 
 PACKED = ["data.packing=true"]
 SP2 = ["parallelism.sequence_parallel_size=2"]
+ZERO3 = ["parallelism=zero3", "train.save_every=2"]  # (its step-2 checkpoint is the resume test's)
 LORA = ["peft=lora", "peft.dropout=0", "train.lr=3e-3"]  # (no dropout: its masks depend on the layout)
 
 
@@ -53,7 +56,7 @@ def assert_same_training(got_dir, ref_dir, initial, *, what: str, weights: str =
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def test_sp2_trains_what_one_process_trains(trained_runs, initial_weights, stage):
     ref = run(trained_runs, "single", 0, [])
-    got = run(trained_runs, f"sp2_zero{stage}", 2, [*SP2, f"parallelism=zero{stage}"])
+    got = run(trained_runs, f"sp2_zero{stage}", 2, [*SP2, *(ZERO3 if stage == 3 else ["parallelism=zero2"])])
     log = (got / "stdout.txt").read_text()
     assert "1 data-parallel group(s) of 2 sequence-parallel ranks x 2 micro-batch x 4 accumulation" in log
     assert_same_training(got, ref, initial_weights, what=f"SP=2 ZeRO-{stage}")
@@ -79,22 +82,19 @@ def test_sp2_lora_zero1_per_sample_loss(trained_runs):
 
 
 def test_sp2_resumes_exactly_and_refuses_another_size(trained_runs, tmp_path):
-    whole = run(trained_runs, "sp2_zero3", 2, [*SP2, "parallelism=zero3"])
-    run_dir = tmp_path / "stopped"
-    common = [*PACKED, *SP2, "parallelism=zero3", f"output_dir={run_dir}"]
-    from tests.conftest import FAST
-
-    train_torchrun(2, [*FAST, *common, "train.stop_at_step=2"])
-    assert (run_dir / "checkpoints" / "step-2").is_dir()
-    refused = train_single([*FAST, *PACKED, "parallelism=zero3", f"output_dir={run_dir}"], check=False)
-    assert refused.returncode != 0
-    assert "parallelism.sequence_parallel_size: 2 -> 1" in refused.stderr + refused.stdout
-    assert "step 3" not in refused.stdout  # refused before any step
-    train_torchrun(2, [*FAST, *common])
+    """The uninterrupted ZeRO-3 run also checkpointed step 2: a new process resumes from it (SP=2 again) and
+    trains step 3 exactly as the uninterrupted run did. The same checkpoint is refused, before anything is
+    built, for one process without SP (run() makes this check first)."""
+    whole = run(trained_runs, "sp2_zero3", 2, [*SP2, *ZERO3])
+    step2 = whole / "checkpoints" / "step-2"
+    with pytest.raises(ConfigError, match=r"parallelism.sequence_parallel_size: 2 -> 1: .* written with "
+                                          r"sequence_parallel_size=2 on 2 process"):
+        check_zero_stage(step2, 3, 1)
+    run_dir = tmp_path / "resumed"
+    train_torchrun(2, [*FAST, *PACKED, *SP2, *ZERO3, f"train.resume={step2}", f"output_dir={run_dir}"])
     resumed, ref = read_metrics(run_dir), read_metrics(whole)
-    assert [r["step"] for r in resumed] == [1, 2, 3]
-    # The resumed process trained step 3 alone: the same batch, loss and update as the uninterrupted run.
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in ref]
-    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in ref]
+    assert [r["step"] for r in resumed] == [3]  # this process trained step 3 alone
+    assert [r["loss"] for r in resumed] == [ref[-1]["loss"]]
+    assert [r["grad_norm"] for r in resumed] == [ref[-1]["grad_norm"]]
     a, b = load_file(run_dir / "final" / "model.safetensors"), load_file(whole / "final" / "model.safetensors")
     assert all(a[k].equal(b[k]) for k in b)
