@@ -213,7 +213,7 @@ def prepare(mode: Mode, length: int, work: Path) -> tuple[Path, int]:
     tokenizer = load_tokenizer(cfg.model)
     dirs = data_build.prepare_all(cfg.data, tokenizer, max_length=length, seed=0)
     data = data_build.build_datasets(cfg.data, tokenizer, max_length=length, seed=0, dirs=dirs)
-    lengths = data_build.column_values(data.sources[0].train, "num_tokens")
+    lengths = data_build.column_array(data.sources[0].train, "num_tokens").tolist()
     if min(lengths) >= length or sorted(lengths)[1:] != [length] * (len(lengths) - 1):
         sys.exit(f"records for {length}: expected one short row, then full ones; got lengths {lengths}")
     for seed in range(1000):

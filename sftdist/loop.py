@@ -11,12 +11,11 @@ from typing import Callable, Optional
 
 import torch
 
-from sftdist.data.build import TrainData, make_batch
-from sftdist.data.loader import SampleSchedule
+from sftdist.data.build import TrainData
 from sftdist.engine import deepspeed_wrap, loss, sequence_parallel
 from sftdist.engine.distributed import all_reduce_sum, device, log, record_progress
 from sftdist.engine.forward import LossHead
-from sftdist.lifecycle import checkpoint, nonfinite, stopping
+from sftdist.lifecycle import checkpoint, nonfinite, startup, stopping
 from sftdist.lifecycle.hangs import StackWatch
 from sftdist.observe.evaluation import EvalPlan, EvalTracker, per_source_metrics
 from sftdist.observe.metrics_log import MetricsLogger
@@ -48,12 +47,14 @@ class Saving:
     best: bool = False  # also checkpoint each eval step that improves the early-stopping metric
     resumed_from: Optional[str] = None  # the train.resume=PATH this history started from (rundir.resume_origin)
     wandb_id: Optional[str] = None  # the W&B run a resume continues
+    data_state: Callable[[], Optional[dict]] = lambda: None  # this rank's stream positions (streamed data)
 
     def save(self, engine, step: int, tracker: EvalTracker) -> Path:
         return checkpoint.save_checkpoint(engine, self.run_dir, step, keep_last=self.keep_last,
                                           run_settings=self.run_settings, eval_state=tracker.state(),
                                           protect_step=tracker.best_step if self.best else None,
-                                          resumed_from=self.resumed_from, wandb_id=self.wandb_id)
+                                          resumed_from=self.resumed_from, wandb_id=self.wandb_id,
+                                          data_state=self.data_state())
 
 
 @dataclass
@@ -62,10 +63,8 @@ class LoopParts:
 
     engine: object  # the DeepSpeed engine around the model (and its adapter)
     data: TrainData
-    schedule: SampleSchedule
-    micro_batch_size: int
+    batches: object  # this rank's micro-batches of a step: data.batches.ScheduledBatches or StreamedBatches
     pad_id: int
-    packed: bool
     head: LossHead  # forward and per-token losses
     metrics: MetricsLogger
     meter: StepMeter
@@ -173,12 +172,14 @@ def optimizer_step(p: LoopParts, step: int,
     # 1. This step's micro-batches, and the step's global supervised-token count (needed before backward).
     # The ranks of a sequence-parallel group share their micro-batches (each trains a slice of every row),
     # and only its first rank counts them.
-    micro_batches = [make_batch(p.data, mb, p.pad_id, packed=p.packed) for mb in p.schedule.micro_batches(
-        step, sequence_parallel.dp_rank(), sequence_parallel.dp_world(), p.micro_batch_size)]
+    micro_batches, bad_record = startup.rank_batches(p.batches, step)
     for b in micro_batches:  # each position's loss weight, from the whole micro-batch (before any slicing)
         b["loss_weight"] = loss.token_weights(b, p.head.normalization)
     counts = [c if sequence_parallel.sp_rank() == 0 else 0 for c in batch_counts(micro_batches)]
-    global_supervised, global_tokens, global_slots, global_attention, global_samples = all_reduce_sum(counts)
+    *counts, bad_records = all_reduce_sum(counts + [float(bad_record is not None)])
+    if bad_records:  # a streamed bad record (data.on_bad_record=error): every rank stops, with its message
+        startup.raise_bad_record(bad_record)
+    global_supervised, global_tokens, global_slots, global_attention, global_samples = counts
     denominator = loss.loss_denominator(p.head.normalization, supervised_tokens=global_supervised,
                                         supervised_samples=global_samples)  # tokens, or samples (sequence)
     # DeepSpeed sums gradients over every rank and divides by the data-parallel ones (sequence_parallel.py)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sftdist.config import ConfigError, SFTConfig, grad_accum_steps, register_configs, validate
 from sftdist.config import overrides, sweep
-from sftdist.data import build as data_build
+from sftdist.data import batches as data_batches, build as data_build
 from sftdist.data.messages import DataError
 from sftdist.engine import adapter, attention, build_locks, deepspeed_wrap, distributed, model as models, optim
 from sftdist.engine import sequence_parallel, tiling
@@ -41,7 +41,7 @@ class RunData:
     """The data stage's result for this run."""
 
     data: data_build.TrainData
-    schedule: object  # data.loader.SampleSchedule
+    batches: object  # this rank's micro-batches per step: data.batches.ScheduledBatches or streaming.StreamedBatches
     kept: dict  # what was kept of each source (resume_check.data_summary)
     mix: list  # the realised mix, as logged
     max_steps: int
@@ -56,8 +56,7 @@ def run(cfg: SFTConfig, *, peft_was_chosen: bool = False) -> Path:
     run_dir, resume_from = choose_run_dir(cfg)
     if resume_from and already_at_stop(cfg.train, resume_from):
         return run_dir
-    if resume_from:
-        startup.check_zero_stage(resume_from, cfg.parallelism.zero_stage, cfg.parallelism.sequence_parallel_size)
+    startup.check_resume_layout(resume_from, cfg)
     tokenizer = models.load_tokenizer(cfg.model)
     settings = resume_check.run_settings(cfg, tokenizer)
     prepared = build_data(cfg, tokenizer, resume_from, settings)
@@ -71,15 +70,14 @@ def run(cfg: SFTConfig, *, peft_was_chosen: bool = False) -> Path:
     for line in advice.startup_advice(cfg, model.config, peft_was_chosen=peft_was_chosen, world=world,
                                       precision=precision, grad_accum_fp32=fp32_grad_accum(ds_config)):
         log(line)
-    start_step = open_run_dir(cfg, run_dir, engine, resume_from, resume_step, ds_config)
+    start_step = open_run_dir(cfg, run_dir, engine, resume_from, resume_step, ds_config, prepared.batches)
     startup.log_summary(
         model_name=cfg.model.name_or_path or f"{cfg.model.from_config['model_type']} from config (random init)",
         trainable=adapter.trainable_summary(model), mix=prepared.mix, global_batch_size=cfg.train.global_batch_size,
-        epoch_len=prepared.schedule.epoch_len, max_steps=prepared.max_steps, world=world,
-        zero_stage=cfg.parallelism.zero_stage, precision=precision,
-        grad_accum=grad_accum_steps(cfg.train, sequence_parallel.dp_world()),
-        packing=cfg.data.packing, max_length=cfg.train.max_length, run_dir=str(run_dir),
-        sequence_parallel=sequence_parallel.size())
+        epoch_len=prepared.batches.epoch_len, max_steps=prepared.max_steps, world=world,
+        zero_stage=cfg.parallelism.zero_stage, precision=precision, packing=cfg.data.packing,
+        grad_accum=grad_accum_steps(cfg.train, sequence_parallel.dp_world()), max_length=cfg.train.max_length,
+        run_dir=str(run_dir), sequence_parallel=sequence_parallel.size())
     parts = loop_parts(cfg, engine, model, tokenizer, prepared, run_dir, resume_from, settings,
                        start_step=start_step, precision=precision, started=started, origin=origin)
     result = train(cfg, parts, start_step=start_step, max_steps=prepared.max_steps)
@@ -137,13 +135,15 @@ def build_data(cfg: SFTConfig, tokenizer, resume_from: Optional[Path], settings:
     kept = resume_check.data_summary({s.name: s.stats for s in data.sources})
     if resume_from:
         startup.check_same_run(resume_from, kept, allow=t.resume_allow_changes)
-    schedule = data_build.build_schedule(data, cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
-                                         max_length=t.max_length)
-    mix = startup.log_data_report(data, schedule)
-    max_steps = t.max_steps if t.max_steps > 0 else schedule.steps_for_epochs(t.epochs)
+    batches, mix = data_batches.build_batches(
+        data, cfg.data, tokenizer, seed=t.seed, global_batch_size=t.global_batch_size, max_length=t.max_length,
+        micro_batch_size=t.micro_batch_size, dp_rank=sequence_parallel.dp_rank(), dp_world=sequence_parallel.dp_world(),
+        preview=is_main())
+    startup.log_data_report(data, mix)
+    max_steps = t.max_steps if t.max_steps > 0 else batches.steps_for_epochs(t.epochs)  # (a stream sets max_steps)
     probe = forgetting.build_probe(cfg.data, pretrained=bool(cfg.model.name_or_path), tokenizer=tokenizer,
                                    synced=cfg.parallelism.zero_stage == 3 and distributed.world_size() > 1)
-    return RunData(data, schedule, kept, mix, max_steps, probe)
+    return RunData(data, batches, kept, mix, max_steps, probe)
 
 
 def fp32_grad_accum(ds_config: dict) -> bool:
@@ -195,8 +195,9 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
 
 
 def open_run_dir(cfg: SFTConfig, run_dir: Path, engine, resume_from: Optional[Path], resume_step: Optional[int],
-                 ds_config: dict) -> int:
-    """Write config.yaml and ds_config.json and load the checkpoint; return the step training starts at.
+                 ds_config: dict, batches) -> int:
+    """Write config.yaml and ds_config.json and load the checkpoint (and a stream's positions into
+    ``batches``); return the step training starts at.
 
     Only now, with the model loaded and its adapter applied, is the run sure to start: a failure before
     this point leaves an existing output_dir as it was."""
@@ -209,8 +210,10 @@ def open_run_dir(cfg: SFTConfig, run_dir: Path, engine, resume_from: Optional[Pa
     if not resume_from:
         return 0
     start_step = checkpoint.load_checkpoint(engine, resume_from)
+    batches.load_state_dict(checkpoint.load_data_state(resume_from))  # a stream's positions (a schedule: None)
     log(f"resumed from {resume_from} after step {start_step}")
     return start_step
+
 
 
 def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_dir: Path,
@@ -218,9 +221,8 @@ def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_
                started: float, origin: Optional[str]) -> LoopParts:
     """The loss head, meters, eval plan, checkpointing and stop rules the loop works with."""
     t, data, world = cfg.train, prepared.data, distributed.world_size()
-    head = startup.choose_head(engine, data, prepared.schedule, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
-                               step=start_step, micro_batch_size=t.micro_batch_size, pad_id=tokenizer.pad_token_id,
-                               packed=cfg.data.packing) if start_step < prepared.max_steps else LossHead(t.lm_head)
+    head = startup.choose_head(engine, prepared.batches, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
+                               step=start_step) if start_step < prepared.max_steps else LossHead(t.lm_head)
     head = dataclasses.replace(head, loss=t.loss, normalization=t.loss_normalization,
                                neftune_alpha=t.neftune_alpha)  # (eval passes report plain cross-entropy)
     meter, peak_note = step_metrics.StepMeter.build(model, precision=precision, peak_override=cfg.logging.peak_flops,
@@ -241,13 +243,14 @@ def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_
                                         OmegaConf.to_container(OmegaConf.structured(cfg)),
                                         saved.get("wandb_id") if own_checkpoint(run_dir, resume_from) else None)
     return LoopParts(
-        engine=engine, data=data, schedule=prepared.schedule, micro_batch_size=t.micro_batch_size,
-        pad_id=tokenizer.pad_token_id, packed=cfg.data.packing, head=head, metrics=metrics, meter=meter,
+        engine=engine, data=data, batches=prepared.batches, pad_id=tokenizer.pad_token_id, head=head,
+        metrics=metrics, meter=meter,
         progress=progress.Progress(start_step=start_step, max_steps=prepared.max_steps,
                                    log_every=cfg.logging.log_every, mode=cfg.logging.progress),
         evals=evals, saving=Saving(run_dir, t.save_every, t.keep_last, {**settings, **prepared.kept},
                                    best=tracker.enabled and t.early_stopping.save == "best",
-                                   resumed_from=origin, wandb_id=metrics.wandb_id),
+                                   resumed_from=origin, wandb_id=metrics.wandb_id,
+                                   data_state=prepared.batches.state_dict),
         stop=stopping.StopRule.from_config(t, started),
         guard=nonfinite.NonFiniteGuard(t.on_nonfinite, t.max_consecutive_nonfinite),
         watch=hangs.StackWatch(run_dir, distributed.rank(), timeout_s=cfg.parallelism.collective_timeout_s))

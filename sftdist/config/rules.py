@@ -36,6 +36,10 @@ def validate(cfg: SFTConfig, *, dp_world: int, has_gpu: bool) -> None:
     if not has_gpu and cfg.model.attn_implementation.startswith("flash_attention"):
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} needs a GPU; "
                           f"use sdpa or eager on CPU")
+    streaming = [s.name for s in cfg.data.sources if s.streaming]
+    if streaming and t.max_steps <= 0:
+        raise ConfigError(f"data sources {streaming} stream, so an epoch's length is not known ahead: set "
+                          f"train.max_steps")
     validate_early_stopping(t, cfg.data)
 
 

@@ -71,6 +71,9 @@ class DataSource:
     eval_path: Optional[str] = None  # or evaluate on this separate file
     # generic (replay) data: its eval_loss_delta/<name> is the forgetting curve; None = true for format text
     generic: Optional[bool] = None
+    # Read, tokenise and pack on the fly, each rank its own share, without a cache entry: for sets larger than
+    # the disk cache (docs/data.md#streaming-sources). Needs train.max_steps; eval from eval_path
+    streaming: bool = False
 
     @property
     def is_generic(self) -> bool:
@@ -83,6 +86,9 @@ class DataSource:
             raise ConfigError(f"data.sources[{self.name}].eval_fraction={self.eval_fraction} must be in [0, 1)")
         if self.eval_fraction and self.eval_path:
             raise ConfigError(f"data.sources[{self.name}]: set eval_fraction or eval_path, not both")
+        if self.streaming and self.eval_fraction:
+            raise ConfigError(f"data.sources[{self.name}]: a streaming source cannot hold out eval_fraction of "
+                              f"records it never holds: set its eval_path to a held-out file")
 
 
 @dataclass
@@ -104,6 +110,7 @@ class DataConfig:
     # a chat template with no end-of-turn token is an error (the model would never learn to stop); false allows it
     require_end_of_turn: bool = True
     cache_dir: Optional[str] = None  # tokenised-data cache; default $SFTDIST_CACHE/data
+    stream_buffer: int = 1000  # with a streaming source: samples each rank holds to shuffle and pack rows from
     # Filters, counted per source like other skips (chat formats; the first occurrence is kept):
     dedup: str = "none"  # none | exact (same normalised conversation) | near (+ MinHash near-duplicate replies)
     near_dup_threshold: float = 0.8  # data.dedup=near: Jaccard similarity of reply word 3-grams
@@ -127,6 +134,10 @@ class DataConfig:
         check_choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
         check_positive("data.audit_samples", self.audit_samples, allow_zero=True)
         check_positive("data.num_proc", self.num_proc, allow_zero=True)
+        check_positive("data.stream_buffer", self.stream_buffer)
+        if self.dedup != "none" and any(s.streaming for s in self.sources):
+            raise ConfigError(f"data.dedup={self.dedup} compares every record with every other, which a streaming "
+                              f"source never holds: set data.dedup=none, or streaming: false")
         check_choice("data.dedup", self.dedup, DEDUP)
         if not 0.0 < self.near_dup_threshold <= 1.0:
             raise ConfigError(f"data.near_dup_threshold={self.near_dup_threshold} must be in (0, 1]")

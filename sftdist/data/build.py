@@ -9,12 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from sftdist.config import DataConfig, DataSource, SFTConfig
-from sftdist.data.audit import audit_source, check_chat_template, template_warnings
+from sftdist.data.audit import audit_entry, check_chat_template, template_warnings
 from sftdist.data.collate import collate as collate_rows
 from sftdist.data.collate import collate_packed
 from sftdist.data.loader import SampleSchedule, mix_counts
 from sftdist.data.prepare import no_usable_record, prepare_source
+from sftdist.data.sources import check_shard_columns
+from sftdist.data.stream_reader import is_streamed_hub, stream_files
+from sftdist.data.streaming import audit_stream
 
 # An eval split below either floor measures noise, not the model. Records' mean losses differ by ~0.3-0.5 nats
 # on chat data, so the eval loss of n records is uncertain by about that / sqrt(n): ~0.1 nats at 20 records,
@@ -35,6 +40,7 @@ class SourceData:
     eval: Optional[Any]
     stats: dict
     generic: bool = False  # replay data: its eval loss change is the forgetting curve
+    stream: Optional[DataSource] = None  # a streaming source's config (``train`` is then None): streaming.py
 
 
 @dataclass
@@ -111,12 +117,40 @@ def eval_size_warning(source: DataSource, key: str, stats: dict) -> str:
 def prepare_all(cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> list[Path]:
     """Build (or find) the cache entry of every source; returns their directories in config order."""
     check_chat_template(cfg, tokenizer)
-    return [prepare_source(s, cfg, tokenizer, max_length=max_length, seed=seed) for s in cfg.sources]
+    return [prepare_stream_eval(s, cfg, tokenizer, max_length=max_length, seed=seed) if s.streaming else
+            prepare_source(s, cfg, tokenizer, max_length=max_length, seed=seed) for s in cfg.sources]
+
+
+def prepare_stream_eval(source: DataSource, cfg: DataConfig, tokenizer, *, max_length: int,
+                        seed: int) -> Optional[Path]:
+    """A streaming source has no cache entry; its ``eval_path`` gets one (as the train split of a source
+    ``<name>.eval``), or None without one. Its shards are checked first (the same columns in each)."""
+    if not is_streamed_hub(source):
+        check_shard_columns(stream_files(source), source.name)
+    if not source.eval_path:
+        return None
+    held_out = DataSource(name=f"{source.name}.eval", path=source.eval_path, format=source.format,
+                          columns=dict(source.columns))
+    return prepare_source(held_out, cfg, tokenizer, max_length=max_length, seed=seed)
+
+
+def streamed_source(source: DataSource, cfg: DataConfig, tokenizer, eval_dir: Optional[Path], *,
+                    seed: int) -> SourceData:
+    """A streaming source's ``SourceData``: its config, its eval split, and the audit of its first records."""
+    import datasets
+
+    stats = {"records": 0, "kept": 0, "tokens": 0, "supervised_tokens": 0, "statuses": {}, "streaming": True,
+             "audited": audit_stream(source, tokenizer, train_on=cfg.train_on, samples=cfg.audit_samples,
+                                     seed=seed, split_turns=cfg.split_turns),
+             "mask_warnings": template_warnings(tokenizer, cfg.split_turns) if source.format != "text" else []}
+    evaluation = datasets.load_from_disk(str(eval_dir / "train")) if eval_dir else None
+    return SourceData(source.name, source.weight, source.format, None, evaluation, stats,
+                      generic=source.is_generic, stream=source)
 
 
 def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
                    dirs: Optional[list[Path]] = None) -> TrainData:
-    """Load every source from the cache (building it when ``dirs`` is not given) and audit the masks.
+    """Load every source from the cache (building it when ``dirs`` is not given), with its mask-audit verdict.
 
     Raises:
         DataError: naming the source, file and record of a bad record (``data.on_bad_record=error``) or of
@@ -127,12 +161,16 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
     dirs = dirs or prepare_all(cfg, tokenizer, max_length=max_length, seed=seed)
     sources = []
     for i, (source, d) in enumerate(zip(cfg.sources, dirs)):
+        if source.streaming:
+            sources.append(streamed_source(source, cfg, tokenizer, d, seed=seed))
+            continue
         stats = json.loads((d / "stats.json").read_text())
         if stats["kept"] == 0:  # a cache entry written before prepare_source refused such a source
             raise no_usable_record(source.name, stats["records"], stats["statuses"])
         stats["eval_warning"] = eval_size_warning(source, f"data.sources.{i}", stats)
-        stats["audited"] = audit_source(source, tokenizer, train_on=cfg.train_on, samples=cfg.audit_samples, seed=seed,
-                                        split_turns=cfg.split_turns)
+        # The verdict kept with the entry by prepare_source (local rank 0 of each node): no rank reads the file.
+        stats["audited"] = audit_entry(d, source, tokenizer, train_on=cfg.train_on, samples=cfg.audit_samples,
+                                       seed=seed, split_turns=cfg.split_turns)
         stats["mask_warnings"] = template_warnings(tokenizer, cfg.split_turns) if source.format != "text" else []
         train = datasets.load_from_disk(str(d / "train"))
         evaluation = datasets.load_from_disk(str(d / "eval")) if (d / "eval").exists() else None
@@ -141,20 +179,20 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
     return TrainData(sources)
 
 
-def column_values(dataset, name: str) -> list:
-    """One column of a ``datasets.Dataset`` as a plain list, read in one pass.
+def column_array(dataset, name: str) -> np.ndarray:
+    """One column of a ``datasets.Dataset`` as a numpy array, read in one pass (8 bytes a value, where a list
+    of ints takes ~36: a million-sample schedule stays small on every rank).
 
     ``dataset[name]`` is a lazy column in datasets 5.x: each ``column[i]`` builds a one-column dataset
     (hundreds of microseconds on a memory-mapped cache entry, more the more chunks it has), which made
-    packing a million-sample epoch take minutes on every rank. One Arrow copy takes milliseconds, and
-    ``tolist`` gives Python ints, which the packer's arithmetic wants.
+    packing a million-sample epoch take minutes on every rank. One Arrow copy takes milliseconds.
 
     Example:
         >>> import datasets
-        >>> column_values(datasets.Dataset.from_dict({"num_tokens": [3, 5, 2]}), "num_tokens")
+        >>> column_array(datasets.Dataset.from_dict({"num_tokens": [3, 5, 2]}), "num_tokens").tolist()
         [3, 5, 2]
     """
-    return dataset.with_format("arrow")[name].to_numpy().tolist()
+    return dataset.with_format("arrow")[name].to_numpy()
 
 
 def build_schedule(data: TrainData, cfg: DataConfig, *, seed: int, global_batch_size: int,
@@ -163,7 +201,7 @@ def build_schedule(data: TrainData, cfg: DataConfig, *, seed: int, global_batch_
     sizes = [len(s.train) for s in data.sources]
     mean_supervised = [s.stats["supervised_tokens"] / max(len(s.train), 1) for s in data.sources]
     counts = mix_counts(sizes, [s.weight for s in data.sources], mix_by=cfg.mix_by, mean_supervised=mean_supervised)
-    lengths = [column_values(s.train, "num_tokens") for s in data.sources] if cfg.packing else None
+    lengths = [column_array(s.train, "num_tokens") for s in data.sources] if cfg.packing else None
     return SampleSchedule(sizes, counts, seed, global_batch_size, lengths=lengths,
                           max_length=max_length if cfg.packing else None)
 
@@ -172,14 +210,13 @@ def mix_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
     """Per source: records read and kept, what happened to the others, the conversations ``data.split_turns``
     split and the samples they became, and the realised mix of the first epoch (samples drawn, and shares of
     samples and of supervised tokens)."""
-    supervised = [column_values(s.train, "num_supervised") for s in data.sources]
-    lengths = [column_values(s.train, "num_tokens") for s in data.sources]
-    drawn, tokens, all_tokens = [0] * len(data.sources), [0] * len(data.sources), [0] * len(data.sources)
-    for seq in schedule.epoch(0):
-        for src, i in seq:
-            drawn[src] += 1
-            tokens[src] += supervised[src][i]
-            all_tokens[src] += lengths[src][i]
+    epoch = schedule.compact(0)
+    drawn, tokens, all_tokens = [], [], []
+    for s, src in enumerate(data.sources):
+        mine = epoch.idx[epoch.src == s]
+        drawn.append(len(mine))
+        tokens.append(int(column_array(src.train, "num_supervised")[mine].sum()))
+        all_tokens.append(int(column_array(src.train, "num_tokens")[mine].sum()))
     return [{"source": src.name, "records": src.stats["records"], "kept": src.stats["kept"],
              "statuses": src.stats["statuses"], "samples_per_epoch": drawn[s],
              "sample_share": drawn[s] / max(sum(drawn), 1), "supervised_token_share": tokens[s] / max(sum(tokens), 1),

@@ -12,7 +12,9 @@ import math
 import random
 from typing import Optional
 
-from sftdist.data.packing import pack
+import numpy as np
+
+from sftdist.data.packing import pack_bins, placement_order
 
 Sample = tuple[int, int]  # (source, record)
 
@@ -51,17 +53,74 @@ def epoch_order(sizes: list[int], counts: list[int], seed: int, epoch: int) -> l
         >>> epoch_order([2, 2], [4, 0], seed=0, epoch=0)   # all four from source 0, each record twice
         [(0, 1), (0, 1), (0, 0), (0, 0)]
     """
+    src, idx = epoch_arrays(sizes, counts, seed, epoch)
+    return list(zip(src.tolist(), idx.tolist()))
+
+
+def epoch_arrays(sizes: list[int], counts: list[int], seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """``epoch_order`` as two arrays (sources, records), 12 bytes a sample where a list of tuples takes ~100.
+
+    ``random.shuffle`` swaps by position only, so shuffling a list of positions and gathering gives exactly
+    the order of shuffling the pairs themselves (the same draws from the same RNG).
+    """
     rng = random.Random(f"{seed}:{epoch}")
-    order: list[Sample] = []
+    srcs, idxs = [], []
     for src, (n, count) in enumerate(zip(sizes, counts)):
-        drawn: list[int] = []
-        while len(drawn) < count:
+        passes, drawn = [], 0
+        while drawn < count:
             perm = list(range(n))
             rng.shuffle(perm)
-            drawn += perm
-        order += [(src, i) for i in drawn[:count]]
-    rng.shuffle(order)
-    return order
+            passes.append(np.array(perm, dtype=np.int64))
+            drawn += n
+        srcs.append(np.full(count, src, dtype=np.int32))
+        idxs.append(np.concatenate(passes)[:count] if passes else np.zeros(0, dtype=np.int64))
+    positions = list(range(sum(counts)))
+    rng.shuffle(positions)
+    order = np.array(positions, dtype=np.int64)
+    return np.concatenate(srcs)[order], np.concatenate(idxs)[order]
+
+
+class Epoch:
+    """One epoch's sequences, compact: the samples of every sequence in order (``src``, ``idx``) and where each
+    sequence starts (``starts``, one more than there are sequences)."""
+
+    def __init__(self, src: np.ndarray, idx: np.ndarray, starts: np.ndarray):
+        self.src, self.idx, self.starts = src, idx, starts
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def sequences(self, lo: int, hi: int) -> list[list[Sample]]:
+        """Sequences ``lo .. hi - 1`` as lists of ``(source, record)``."""
+        hi = min(hi, len(self))
+        if lo >= hi:
+            return []
+        a, b = int(self.starts[lo]), int(self.starts[hi])
+        pairs = list(zip(self.src[a:b].tolist(), self.idx[a:b].tolist()))
+        cuts = (self.starts[lo:hi + 1] - a).tolist()
+        return [pairs[cuts[k]:cuts[k + 1]] for k in range(hi - lo)]
+
+
+def packed_epoch(src: np.ndarray, idx: np.ndarray, lengths: list[np.ndarray], max_length: int, shuffle: random.Random) -> Epoch:
+    """The samples ``(src, idx)`` packed best-fit-decreasing into rows, the rows shuffled by ``shuffle`` (which
+    draws as ``shuffle.shuffle`` of the list of rows would)."""
+    lens = np.zeros(len(src), dtype=np.int64)
+    for s, source_lengths in enumerate(lengths):
+        mine = src == s
+        lens[mine] = np.asarray(source_lengths)[idx[mine]]
+    bin_of = pack_bins(lens, max_length)
+    placed = placement_order(lens)
+    flat = placed[np.argsort(bin_of[placed], kind="stable")]  # each bin's samples, in the order they went in
+    sizes = np.bincount(bin_of, minlength=int(bin_of.max()) + 1 if len(bin_of) else 0)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    rows = list(range(len(sizes)))
+    shuffle.shuffle(rows)  # mix long and short bins over steps
+    rows = np.array(rows, dtype=np.int64)
+    new_sizes = sizes[rows]
+    new_starts = np.concatenate([[0], np.cumsum(new_sizes)])
+    at = np.repeat(starts[rows] - new_starts[:-1], new_sizes) + np.arange(len(flat))
+    order = flat[at]
+    return Epoch(src[order], idx[order], new_starts)
 
 
 class SampleSchedule:
@@ -85,27 +144,31 @@ class SampleSchedule:
         self.sizes, self.counts, self.seed = sizes, counts, seed
         self.global_batch_size = global_batch_size
         self.lengths, self.max_length = lengths, max_length
-        self._cached: tuple[int, list[list[Sample]]] = (-1, [])
+        self._cached: tuple[int, Optional[Epoch]] = (-1, None)
         self._epoch_lens: list[int] = []
-        if not self.epoch(0):
+        if not len(self.compact(0)):
             raise ValueError("the data mix is empty: every source has zero records or zero weight")
 
     def epoch(self, e: int) -> list[list[Sample]]:
-        """The sequences of epoch ``e``, in training order."""
+        """The sequences of epoch ``e``, in training order (a list built on each call: for tests and small
+        sets; the schedule itself keeps the compact ``Epoch``)."""
+        return self.compact(e).sequences(0, len(self.compact(e)))
+
+    def compact(self, e: int) -> Epoch:
+        """Epoch ``e`` as an ``Epoch`` (the last one asked for is kept)."""
         if self._cached[0] != e:
-            order = epoch_order(self.sizes, self.counts, self.seed, e)
+            self._cached = (-1, None)  # (the old epoch goes before the new one is built)
+            src, idx = epoch_arrays(self.sizes, self.counts, self.seed, e)
             if self.lengths is None:
-                seqs = [[s] for s in order]
+                epoch = Epoch(src, idx, np.arange(len(src) + 1, dtype=np.int64))
             else:
-                bins = pack([self.lengths[src][i] for src, i in order], self.max_length)
-                seqs = [[order[j] for j in b] for b in bins]
-                random.Random(f"{self.seed}:{e}:bins").shuffle(seqs)  # mix long and short bins over steps
-            self._cached = (e, seqs)
+                epoch = packed_epoch(src, idx, self.lengths, self.max_length, random.Random(f"{self.seed}:{e}:bins"))
+            self._cached = (e, epoch)
         return self._cached[1]
 
     def _epoch_len(self, e: int) -> int:
         while len(self._epoch_lens) <= e:  # packed epochs differ in length, so lengths are computed in order
-            self._epoch_lens.append(len(self.epoch(len(self._epoch_lens))))
+            self._epoch_lens.append(len(self.compact(len(self._epoch_lens))))
         return self._epoch_lens[e]
 
     @property
@@ -125,7 +188,7 @@ class SampleSchedule:
             epoch += 1
         out: list[list[Sample]] = []
         while len(out) < self.global_batch_size:
-            take = self.epoch(epoch)[pos:pos + self.global_batch_size - len(out)]
+            take = self.compact(epoch).sequences(pos, pos + self.global_batch_size - len(out))
             out += take
             pos, epoch = 0, epoch + 1
         return out

@@ -1,9 +1,12 @@
 """Tokenise and mask one source into an on-disk cache, keyed by everything that affects the result.
 
 A cache entry is a directory ``<cache>/<source>-<key>/`` holding ``train/`` (and ``eval/``) as Arrow
-datasets with columns ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``where``, and
-``stats.json``. A record is one sample, or one per trained turn when ``data.split_turns`` splits it. The
-entry is written under a temporary name and renamed into place, so a reader never sees half an entry.
+datasets with columns ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``where``, ``stats.json``
+and ``audit.json`` (the mask audit's verdicts). A record is one sample, or one per trained turn when
+``data.split_turns`` splits it. The entry is written under a temporary name and renamed into place, so a
+reader never sees half an entry. Building one streams the source through Arrow files in bounded batches
+(``cache_files``) and encodes them in worker processes (``encode_pool``), so its memory does not grow with
+the number of records.
 """
 
 from __future__ import annotations
@@ -14,20 +17,21 @@ import os
 import random
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
 from sftdist.config import DataConfig, DataSource
 from sftdist.data import quality
+from sftdist.data.audit import audit_entry, audit_pool_size
+from sftdist.data.cache_files import RawFile, finish_split, raw_batches, write_raw
 from sftdist.data.demo import cache_root, resolve_builtin
-from sftdist.data.messages import SOURCE_KEY, DataError, to_conversation, to_text
-from sftdist.data.sources import is_local, read_records, source_files
-from sftdist.data.split_turns import encode_samples
-from sftdist.data.tokenize import IGNORE_INDEX, MaskError, encode_text
+from sftdist.data.encode import encode_record  # noqa: F401 - its home before encode.py; callers import it here
+from sftdist.data.encode_pool import MIN_RECORDS_PER_WORKER, OK_STATUSES, EncodeJob, SplitCounts, encode_raw
+from sftdist.data.messages import SOURCE_KEY, DataError, to_conversation
+from sftdist.data.sources import (check_shard_columns, is_local, local_path_exists, parse_line, raw_records,
+                                  read_records, source_files)
 
 PIPELINE_VERSION = 2  # bump when encoding changes, to invalidate every cache entry
-OK_STATUSES = ("ok", "truncated")
 LENGTH_STATUSES = ("dropped_too_long", "dropped_no_target")  # counted, never an error
 # data.dedup, data.min_reply_tokens, data.drop_cut_replies: counted, never an error
 FILTER_STATUSES = ("dropped_duplicate", "dropped_short_reply", "dropped_cut_reply")
@@ -66,80 +70,9 @@ def cache_key(source: DataSource, cfg: DataConfig, tokenizer_fp: str, *, max_len
         parts["filters"] = {**filters, "near_dup_threshold": threshold}
     for key in ("path", "eval_path"):
         p = getattr(source, key)
-        if with_files and p and is_local(DataSource(name=source.name, path=resolve_builtin(p))) and Path(resolve_builtin(p)).exists():
+        if with_files and p and is_local(DataSource(name=source.name, path=resolve_builtin(p))) and local_path_exists(resolve_builtin(p)):
             parts[f"{key}_files"] = _files_identity(resolve_builtin(p))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def encode_record(raw: str, where: str, *, fmt: str, columns: dict, train_on: str, max_length: int,
-                  truncation: str, tokenizer, min_reply_tokens: int = 0, drop_cut_replies: bool = False,
-                  source_key: str = SOURCE_KEY, split_turns: str = "auto") -> list[dict[str, Any]]:
-    """Encode one raw JSON record into its samples; never raises for a bad record, reports it in
-    ``status``/``error`` (whose fix names the source as ``source_key``, e.g. ``data.sources.1``).
-
-    Returns:
-        One sample, or one per trained turn when ``split_turns`` splits the conversation, each with
-        ``input_ids``, ``labels``, ``num_tokens``, ``num_supervised``, ``where`` (``where``, and for a split
-        sample the reply it trains), ``split`` (whether it is one), ``status`` (``ok``, ``truncated``,
-        ``dropped_too_long``, ``dropped_no_target``, ``dropped_short_reply``, ``dropped_cut_reply`` or an error
-        reason) and ``error`` (message or ""). A bad record is one sample, without ids.
-    """
-    empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0, "where": where, "split": False}
-    try:
-        row = json.loads(raw)
-        if fmt == "text":
-            samples = [(None, encode_text(tokenizer, to_text(row, where, columns, source_key=source_key)))]
-        else:
-            messages, tools = to_conversation(row, fmt, where, columns, source_key=source_key)
-            dropped = _reply_filter([(where, messages)], tokenizer, min_reply_tokens, drop_cut_replies)
-            if dropped:
-                return [{**empty, "status": dropped, "error": ""}]
-            samples = encode_samples(tokenizer, messages, tools, train_on=train_on, split_turns=split_turns)
-    except DataError as e:
-        return [{**empty, "status": e.reason, "error": str(e)}]
-    except MaskError as e:
-        return [{**empty, "status": "template_mismatch",
-                 "error": f"{where}: {e} (tokenizer {tokenizer.name_or_path!r})"}]
-    except Exception as e:  # a template raising on odd input (jinja exceptions, TypeErrors) is a bad record too
-        return [{**empty, "status": "render_failed",
-                 "error": f"{where}: chat template failed: {type(e).__name__}: {e}"}]
-    out = []
-    for j, (view, enc) in enumerate(samples, start=1):
-        at = where if view is None else f"{where}, reply {j} of {len(samples)} (message {view.turn})"
-        out.append({**_checked_length(enc, at, max_length=max_length, truncation=truncation, empty=empty),
-                    "where": at, "split": view is not None})
-    return out
-
-
-def _checked_length(enc: dict, where: str, *, max_length: int, truncation: str, empty: dict) -> dict[str, Any]:
-    """One encoded sample under ``data.truncation``, with its counts and status."""
-    status = "ok"
-    if len(enc["input_ids"]) > max_length:
-        if truncation == "drop":
-            return {**empty, "status": "dropped_too_long", "error": ""}
-        if truncation == "error":
-            return {**empty, "status": "too_long",
-                    "error": f"{where}: {len(enc['input_ids'])} tokens, over train.max_length={max_length} "
-                             f"(data.truncation=error): raise train.max_length, or set data.truncation=truncate "
-                             f"or drop"}
-        enc = {k: v[:max_length] for k, v in enc.items()}
-        status = "truncated"
-    labels = enc["labels"]
-    # The first label is never a target (nothing predicts it).
-    supervised = len(labels) - labels.count(IGNORE_INDEX) - (bool(labels) and labels[0] != IGNORE_INDEX)
-    if supervised == 0:
-        return {**empty, "status": "dropped_no_target", "error": ""}
-    return {**enc, "num_tokens": len(enc["input_ids"]), "num_supervised": supervised, "status": status, "error": ""}
-
-
-def _reply_filter(record: list, tokenizer, min_reply_tokens: int, drop_cut_replies: bool) -> str:
-    """The filter status that drops this one-record list, or ""."""
-    if drop_cut_replies and quality.cut_replies(record):
-        return "dropped_cut_reply"
-    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    if min_reply_tokens and quality.short_replies(record, min_reply_tokens, count):
-        return "dropped_short_reply"
-    return ""
 
 
 def dedup_statuses(table: dict[str, list], fmt: str, columns: dict, mode: str, threshold: float) -> list[str]:
@@ -159,22 +92,6 @@ def dedup_statuses(table: dict[str, list], fmt: str, columns: dict, mode: str, t
     for d in quality.dedup_drops(records, mode, threshold):
         statuses[index[d]] = "dropped_duplicate"
     return statuses
-
-
-def _encode_batch(batch: dict[str, list], indices: list[int], **kw) -> dict[str, list]:
-    """Records to samples, each tagged with its record's index (a split record gives several)."""
-    out = []
-    for i, r, w, e, pre in zip(indices, batch["raw"], batch["where"], batch["read_error"], batch["pre_status"]):
-        empty = {"input_ids": [], "labels": [], "num_tokens": 0, "num_supervised": 0, "where": w, "split": False}
-        samples = ([{**empty, "status": "invalid_json", "error": e}] if e else
-                   [{**empty, "status": pre, "error": ""}] if pre else encode_record(r, w, **kw))
-        out += [{**s, "record": i} for s in samples]
-    return {k: [o[k] for o in out] for k in out[0]}
-
-
-def _column(ds, name: str) -> list:
-    """One column as a plain list, in one pass (a lazy column of datasets 5.x reads row by row)."""
-    return ds.with_format("arrow")[name].to_pylist()
 
 
 def _raw_table(source: DataSource, path: Optional[str]) -> dict[str, list]:
@@ -243,44 +160,6 @@ def no_usable_record(name: str, records: int, statuses: dict[str, int], first_er
     return DataError(f"data source {name!r}: no usable record out of {records} ({statuses}){example}", "empty_source")
 
 
-def _encode_table(table: dict[str, list], source: DataSource, cfg: DataConfig, tokenizer, max_length: int,
-                  num_proc: int, split: str):
-    import datasets
-
-    pre = dedup_statuses(table, source.format, dict(source.columns), cfg.dedup, cfg.near_dup_threshold)
-    ds = datasets.Dataset.from_dict({**table, "pre_status": pre})
-    kw = dict(fmt=source.format, columns=dict(source.columns), train_on=cfg.train_on, max_length=max_length,
-              truncation=cfg.truncation, tokenizer=tokenizer, min_reply_tokens=cfg.min_reply_tokens,
-              drop_cut_replies=cfg.drop_cut_replies, source_key=source_key(cfg, source), split_turns=cfg.split_turns)
-    records = len(ds)
-    procs = num_proc if records >= 2000 else 1  # worker start-up costs more than small sets take
-    # sftdist keys its own cache (cache_key); datasets' fingerprint of this map would pickle and hash the whole
-    # tokenizer, which took longer than tokenising 1,000 alpaca records. A fixed one skips that. Every input
-    # column is removed (``where`` comes back per sample): a split record gives more rows than it came in.
-    ds = ds.map(_encode_batch, batched=True, batch_size=256, num_proc=procs if procs > 1 else None,
-                with_indices=True, fn_kwargs=kw, remove_columns=["raw", "where", "read_error", "pre_status"],
-                desc=f"tokenising {source.name} ({split})",
-                new_fingerprint=f"sftdist-encode-{source.name}-{split}")
-    statuses = Counter(_column(ds, "status"))  # per sample: a split record's samples each count
-    bad = [s for s in statuses if s not in OK_STATUSES + LENGTH_STATUSES + FILTER_STATUSES]
-
-    def first() -> str:  # only on the way to an error: a pass over the error column costs seconds on large sets
-        return next((e for e in ds["error"] if e), "")
-
-    if bad and cfg.on_bad_record == "error":
-        raise bad_record_error(first(), source.name, bad[0])
-    kept = ds.filter(lambda b: [s in OK_STATUSES for s in b], batched=True, input_columns="status",
-                     new_fingerprint=f"sftdist-kept-{source.name}-{split}")
-    split_records = [r for r, s in zip(_column(ds, "record"), _column(ds, "split")) if s]
-    stats = {"records": records, "kept": len(set(_column(kept, "record"))), "samples": len(kept),
-             "statuses": dict(statuses), "split": {"conversations": len(set(split_records)),
-                                                   "samples": len(split_records)},
-             "tokens": int(sum(kept["num_tokens"])), "supervised_tokens": int(sum(kept["num_supervised"]))}
-    if split == "train" and not len(kept):  # nothing to train on; not cached, so that a fixed config rebuilds
-        raise no_usable_record(source.name, records, stats["statuses"], first())
-    return kept.remove_columns(["status", "error", "record", "split"]), stats
-
-
 def default_num_proc(cfg: DataConfig) -> int:
     """``data.num_proc``, else up to 8 workers on the CPUs this process may run on: a SLURM job's (or a
     container's, or taskset's) CPUs, not every core of the machine (#27)."""
@@ -289,25 +168,22 @@ def default_num_proc(cfg: DataConfig) -> int:
 
 
 def prepare_source(source: DataSource, cfg: DataConfig, tokenizer, *, max_length: int, seed: int) -> Path:
-    """Build (or find) the cache entry of one source and return its directory.
+    """Build (or find) the cache entry of one source, with its mask-audit verdict, and return its directory.
 
     Raises:
-        DataError: on a bad record with ``data.on_bad_record=error``, naming the file and record.
+        DataError: on a bad record with ``data.on_bad_record=error``, naming the file and record; when the
+            mask audit fails; when the files of a folder source disagree on their columns.
     """
     root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "data"
     final = root / f"{source.name}-{cache_key(source, cfg, tokenizer_fingerprint(tokenizer), max_length=max_length, seed=seed)}"
+    audit = dict(train_on=cfg.train_on, samples=cfg.audit_samples, seed=seed, split_turns=cfg.split_turns)
     if (final / "stats.json").exists():
+        audit_entry(final, source, tokenizer, **audit)  # kept, or audited now from the file's first records
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=root))
     try:
-        table, eval_table = raw_splits(source, seed)
-        train, stats = _encode_table(table, source, cfg, tokenizer, max_length, default_num_proc(cfg), "train")
-        train.save_to_disk(str(tmp / "train"))
-        if eval_table is not None:
-            evaluation, eval_stats = _encode_table(eval_table, source, cfg, tokenizer, max_length, 1, "eval")
-            evaluation.save_to_disk(str(tmp / "eval"))
-            stats["eval"] = eval_stats
+        stats = _build_entry(tmp, source, cfg, tokenizer, max_length=max_length, seed=seed, audit=audit)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
         os.rename(tmp, final)
     except OSError:
@@ -316,3 +192,113 @@ def prepare_source(source: DataSource, cfg: DataConfig, tokenizer, *, max_length
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return final
+
+
+def _write_raw(source: DataSource, path: Optional[str], out: Path, pool_size: int = 0) -> RawFile:
+    """The source's (or ``path``'s) records in a raw Arrow file, its folder's shards checked first."""
+    where = resolve_builtin(path or source.path)
+    if is_local(DataSource(name=source.name, path=where)) and local_path_exists(where):
+        check_shard_columns(source_files(where), source.name)
+    raw = write_raw(raw_records(source, path), out, max_samples=source.max_samples, pool_size=pool_size)
+    if not raw.records:
+        raise DataError(f"data source {source.name!r}: {where} has no records", "empty_source")
+    return raw
+
+
+def _build_entry(tmp: Path, source: DataSource, cfg: DataConfig, tokenizer, *, max_length: int, seed: int,
+                 audit: dict) -> dict:
+    """Write the entry's splits and audit verdict into ``tmp``; returns its stats. The raw records go to
+    Arrow files first, in bounded batches (so memory stays flat however large the source), and are deleted
+    once encoded."""
+    raw = _write_raw(source, None, tmp / "raw.arrow", audit_pool_size(source, cfg.audit_samples))
+    audit_entry(tmp, source, tokenizer, pool=raw.pool, **audit)  # before any tokenising
+    raw.pool = []
+    n, held = raw.records, set()
+    if source.eval_fraction:
+        k = max(1, round(n * source.eval_fraction))
+        held = set(random.Random(f"eval:{seed}:{source.name}").sample(range(n), k))  # as before #27: by index
+    eval_raw = _write_raw(source, source.eval_path, tmp / "raw-eval.arrow") if source.eval_path else None
+    held_to = None if eval_raw else "eval"  # with eval_path, records held out by eval_fraction go nowhere
+    jobs = [_job(raw, "a", tmp, lambda i: held_to if i in held else "train", source, cfg, tokenizer, max_length)]
+    if eval_raw:
+        jobs.append(_job(eval_raw, "b", tmp, lambda i: "eval", source, cfg, tokenizer, max_length))
+    procs = default_num_proc(cfg)
+    counts, train_shards, eval_shards = encode_raw(jobs[0], _procs(procs, n), cfg.on_bad_record == "error")
+    _check_split(counts["train"], source, cfg, "train")
+    if eval_raw:
+        eval_counts, _, eval_shards = encode_raw(jobs[1], _procs(procs, eval_raw.records), False)
+        counts["eval"] = eval_counts["eval"]
+    for f in (raw.path, eval_raw and eval_raw.path):
+        if f:
+            Path(f).unlink()
+    stats = _stats(counts["train"])
+    finish_split(tmp / "train", train_shards, fingerprint=_fingerprint(tmp, "train"))
+    if held or eval_raw:
+        _check_split(counts["eval"], source, cfg, "eval")
+        finish_split(tmp / "eval", eval_shards, fingerprint=_fingerprint(tmp, "eval"))
+        stats["eval"] = _stats(counts["eval"])
+    return stats
+
+
+def _fingerprint(tmp: Path, split: str) -> str:
+    """The split's ``datasets`` fingerprint (any unique name: sftdist keys its cache itself)."""
+    return hashlib.sha256(f"{tmp.name}/{split}".encode()).hexdigest()[:16]
+
+
+def _procs(procs: int, records: int) -> int:
+    """Workers for ``records`` records: fewer where each would get under ``MIN_RECORDS_PER_WORKER``."""
+    return max(1, min(procs, records // MIN_RECORDS_PER_WORKER))
+
+
+def _job(raw: RawFile, tag: str, out: Path, split_of, source: DataSource, cfg: DataConfig, tokenizer,
+         max_length: int) -> EncodeJob:
+    kw = dict(fmt=source.format, columns=dict(source.columns), train_on=cfg.train_on, max_length=max_length,
+              truncation=cfg.truncation, tokenizer=tokenizer, min_reply_tokens=cfg.min_reply_tokens,
+              drop_cut_replies=cfg.drop_cut_replies, source_key=source_key(cfg, source), split_turns=cfg.split_turns)
+    pre = _dedup_drops(raw.path, split_of, source, cfg)
+    return EncodeJob(raw.path, raw.batch_sizes, tag, out, split_of, pre, kw,
+                     is_bad=lambda s: s not in OK_STATUSES + LENGTH_STATUSES + FILTER_STATUSES)
+
+
+def _dedup_drops(path: Path, split_of, source: DataSource, cfg: DataConfig) -> dict[int, str]:
+    """Record index -> ``dropped_duplicate`` under ``data.dedup``, each split on its own (as it is trained).
+
+    Dedup compares every record of a split with every other, so it holds the split's records while it runs;
+    without it (the default), nothing is held."""
+    if cfg.dedup == "none" or source.format == "text":
+        return {}
+    tables: dict[str, dict[str, list]] = {}
+    index: dict[str, list[int]] = {}
+    i = 0
+    for batch in raw_batches(path):
+        for raw, where, err in zip(batch["raw"], batch["where"], batch["read_error"]):
+            split = split_of(i)
+            if split is not None:
+                t = tables.setdefault(split, {"raw": [], "where": [], "read_error": []})
+                bad = err or parse_line(raw, where)  # a JSON Lines record is still its line, unparsed
+                t["raw"].append(raw)
+                t["where"].append(where)
+                t["read_error"].append(str(bad) if isinstance(bad, (str, DataError)) else "")
+                index.setdefault(split, []).append(i)
+            i += 1
+    drops = {}
+    for split, table in tables.items():
+        statuses = dedup_statuses(table, source.format, dict(source.columns), cfg.dedup, cfg.near_dup_threshold)
+        drops.update({index[split][j]: s for j, s in enumerate(statuses) if s})
+    return drops
+
+
+def _check_split(c: SplitCounts, source: DataSource, cfg: DataConfig, split: str) -> None:
+    """Stop at a split's first bad record (``data.on_bad_record=error``), or when the train split keeps no
+    record (whatever it says); not cached, so that a fixed config rebuilds."""
+    if c.first_bad and cfg.on_bad_record == "error":
+        raise bad_record_error(c.first_error, source.name, c.first_bad)
+    if split == "train" and not c.samples:
+        raise no_usable_record(source.name, c.records, dict(c.statuses), c.first_error)
+
+
+def _stats(c: SplitCounts) -> dict[str, Any]:
+    """A split's ``stats.json`` entry."""
+    return {"records": c.records, "kept": c.kept, "samples": c.samples, "statuses": dict(c.statuses),
+            "split": {"conversations": c.split_conversations, "samples": c.split_samples},
+            "tokens": c.tokens, "supervised_tokens": c.supervised}

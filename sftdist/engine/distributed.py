@@ -222,6 +222,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_gather_text(text: str) -> list[str]:
+    """Every rank's ``text``, in rank order (every rank must call it; for rare paths such as error messages)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return [text]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, text)
+    return out
+
+
 def broadcast_from_main(obj: Any) -> Any:
     """Rank 0's value of ``obj`` on every rank."""
     if not dist.is_initialized() or world_size() == 1:

@@ -32,6 +32,7 @@ from sftdist.engine.distributed import barrier, is_main, main_only, rank, world_
 from sftdist.lifecycle.safe_load import UnsafeCheckpointError, weights_only_loads
 
 CHECKPOINTS = "checkpoints"
+DATA_STATE = "data_state_rank"  # + rank + .pt: a streamed run's positions, packing buffer and RNG per rank
 
 
 class CheckpointError(RuntimeError):
@@ -93,14 +94,16 @@ def has_frozen_parameters(engine) -> bool:
 
 def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_settings: dict,
                     eval_state: Optional[dict] = None, protect_step: Optional[int] = None,
-                    resumed_from: Optional[str] = None, wandb_id: Optional[str] = None) -> Path:
+                    resumed_from: Optional[str] = None, wandb_id: Optional[str] = None,
+                    data_state: Optional[dict] = None) -> Path:
     """Save a complete checkpoint after optimizer step ``step`` (every rank must call this), then prune.
 
     Pruning keeps the ``keep_last`` newest checkpoints up to ``step``, always including this one, and never
     removes ``protect_step`` (the best eval step, which early stopping may export). ``eval_state`` (the
     step-0 eval baseline and early-stopping state) is stored in ``trainer_state.json``, and with it
     ``resumed_from``: the ``train.resume=PATH`` this run's history started from (``rundir.resolve_resume``),
-    and ``wandb_id``: the W&B run a resume continues.
+    and ``wandb_id``: the W&B run a resume continues. ``data_state`` (a streamed run's positions, packing
+    buffer and RNG on this rank) goes to ``data_state_rank{rank}.pt``.
 
     Returns:
         The checkpoint directory.
@@ -115,6 +118,8 @@ def save_checkpoint(engine, run_dir: Path, step: int, *, keep_last: int, run_set
         barrier()
         engine.save_checkpoint(str(root), tag=f"{tag}.tmp", save_latest=False, exclude_frozen_parameters=True)
         torch.save(rng_state(), tmp / f"rng_state_rank{rank()}.pt")
+        if data_state is not None:
+            torch.save(data_state, tmp / f"{DATA_STATE}{rank()}.pt")
         barrier()  # every rank's shards and RNG state are on disk
         if is_main():
             write_trainer_state(tmp, {"step": step, "world_size": world_size(),
@@ -282,6 +287,13 @@ def load_checkpoint(engine, path: Path) -> int:
         if rng_file.exists():  # absent in a universal checkpoint: another world size draws other numbers anyway
             set_rng_state(torch.load(rng_file, weights_only=True))
     return checkpoint_step(path)
+
+
+def load_data_state(path: Path) -> Optional[dict]:
+    """This rank's streamed-data state in checkpoint ``path`` (``save_checkpoint``'s ``data_state``), or None
+    when the run that wrote it did not stream."""
+    f = path / f"{DATA_STATE}{rank()}.pt"
+    return torch.load(f, weights_only=True) if f.exists() else None
 
 
 def save_final(engine, tokenizer, run_dir: Path) -> Path:

@@ -19,7 +19,7 @@ from sftdist.data.prepare import PIPELINE_VERSION, tokenizer_fingerprint
 # What each source's records become: every DataSource field but its name, its weight (compared on its own)
 # and ``generic``, which only says which eval curves are the forgetting curve.
 SOURCE_KEYS = ("path", "format", "columns", "max_samples", "split", "config", "revision", "eval_fraction",
-               "eval_path")
+               "eval_path", "streaming")
 # What each step trains toward: the loss, what weighs the same in it, and the noise its forward adds.
 LOSS_KEYS = ("loss", "loss_normalization", "neftune_alpha")
 DATA_KEYS = ("train_on", "split_turns", "truncation", "on_bad_record", "dedup", "min_reply_tokens", "drop_cut_replies")
@@ -43,6 +43,8 @@ def run_settings(cfg: SFTConfig, tokenizer) -> dict[str, Any]:
     settings |= {f"data.{k}": getattr(d, k) for k in DATA_KEYS}
     if d.dedup == "near":
         settings["data.near_dup_threshold"] = d.near_dup_threshold
+    if any(s.streaming for s in d.sources):  # (the buffer decides which samples a streamed step gets)
+        settings["data.stream_buffer"] = d.stream_buffer
     for s in d.sources:
         settings[f"data.sources[{s.name}].weight"] = s.weight
         settings |= {f"data.sources[{s.name}].{k}": getattr(s, k) or None for k in SOURCE_KEYS}

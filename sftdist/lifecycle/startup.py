@@ -4,14 +4,15 @@ head fits the model, the data report and the summary a user reads before walking
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn, Optional
 
 import torch
 
 from sftdist.config import ConfigError
-from sftdist.data.build import TrainData, make_batch, mix_report, split_note
-from sftdist.data.loader import SampleSchedule
+from sftdist.data.build import TrainData, split_note
+from sftdist.data.messages import DataError
 from sftdist.engine import attention, sequence_parallel
-from sftdist.engine.distributed import all_reduce_sum, device, log, world_size
+from sftdist.engine.distributed import all_gather_text, all_reduce_sum, device, log, world_size
 from sftdist.engine.forward import LossHead, check_supervised_head
 from sftdist.engine.memory_plan import hf_config
 from sftdist.lifecycle.checkpoint import saved_state
@@ -68,6 +69,37 @@ def check_zero_stage(checkpoint: Path, zero_stage: int, sequence_parallel_size: 
                       f"parallelism.zero_stage={saved} (stages 1 and 2 load each other's), or start a new run")
 
 
+def check_resume_layout(checkpoint: Optional[Path], cfg) -> None:
+    """``check_zero_stage`` and ``check_stream_resume`` for resuming ``cfg`` (an ``SFTConfig``) from
+    ``checkpoint`` (nothing to check without one)."""
+    if checkpoint is None:
+        return
+    check_zero_stage(checkpoint, cfg.parallelism.zero_stage, cfg.parallelism.sequence_parallel_size)
+    check_stream_resume(checkpoint, streaming=any(s.streaming for s in cfg.data.sources))
+
+
+def check_stream_resume(checkpoint: Path, *, streaming: bool) -> None:
+    """Stop (ConfigError), before any work, when a streamed run would resume on another number of processes
+    than wrote the checkpoint: each rank's stream position is its own share of the records.
+
+    Example:
+        >>> import json, tempfile
+        >>> ckpt = Path(tempfile.mkdtemp())
+        >>> _ = (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 2}))
+        >>> check_stream_resume(ckpt, streaming=False)
+        >>> check_stream_resume(ckpt, streaming=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sftdist.config.checks.ConfigError: ... written by 2 process(es) ...
+    """
+    saved = saved_state(checkpoint).get("world_size")
+    if streaming and saved != world_size():
+        raise ConfigError(f"{checkpoint} was written by {saved} process(es) and this run has {world_size()}: a run "
+                          f"with a streaming source resumes only on as many processes, since each rank's stream "
+                          f"position is its own share of the records (resume on {saved}, or start a new run from "
+                          f"its final/ weights)")
+
+
 def check_sequence_parallel(cfg, world: int) -> int:
     """``parallelism.sequence_parallel_size`` checked against the processes and the model's config, before any
     work (one ConfigError naming the key); returns it."""
@@ -100,19 +132,19 @@ def check_attention(model, sp: int) -> None:
                           f"this model runs {model.config._attn_implementation}")
 
 
-def log_data_report(data: TrainData, schedule: SampleSchedule) -> list[dict]:
-    """Log each source's kept records and realised mix; returns ``mix_report``."""
+def log_data_report(data: TrainData, report: list[dict]) -> None:
+    """Log each source's kept records and realised mix (``mix_report``, or a stream's preview of it)."""
     for warning in data.warnings:
         log(f"warning: {warning}")
-    report = mix_report(data, schedule)
     for r, source in zip(report, data.sources):
         skipped = {k: v for k, v in r["statuses"].items() if k != "ok"}
-        log(f"data {r['source']}: {r['kept']}/{r['records']} records kept{f' {skipped}' if skipped else ''}"
-            f"{split_note(r['split'])}; per epoch "
+        where = (f"streamed ({r['kept']}/{r['records']} records kept by the preview)" if source.stream else
+                 f"{r['kept']}/{r['records']} records kept")
+        window = "in the first rows streamed" if r.get("streaming") else "per epoch"
+        log(f"data {r['source']}: {where}{f' {skipped}' if skipped else ''}{split_note(r['split'])}; {window} "
             f"{r['samples_per_epoch']} samples = {r['sample_share']:.1%} of samples, "
             f"{r['supervised_token_share']:.1%} of supervised tokens; {r['audited']} masks audited"
             + ("; generic: its eval_loss_delta is the forgetting curve" if source.generic and source.eval else ""))
-    return report
 
 
 def log_summary(**kwargs) -> None:
@@ -120,8 +152,7 @@ def log_summary(**kwargs) -> None:
     log("run summary\n  " + "\n  ".join(start_summary(**kwargs)))
 
 
-def choose_head(engine, data: TrainData, schedule: SampleSchedule, *, mode: str, chunk_tokens: int,
-                step: int, micro_batch_size: int, pad_id: int, packed: bool) -> LossHead:
+def choose_head(engine, batches, *, mode: str, chunk_tokens: int, step: int) -> LossHead:
     """``train.lm_head``, unless the supervised head disagrees with the model's own logits on this rank's
     first micro-batch on any rank: then ``full``, with a warning saying why.
 
@@ -129,8 +160,27 @@ def choose_head(engine, data: TrainData, schedule: SampleSchedule, *, mode: str,
     """
     if mode != "supervised":
         return LossHead(mode, chunk_tokens)
-    first = schedule.micro_batches(step, sequence_parallel.dp_rank(), sequence_parallel.dp_world(), micro_batch_size)[0]
-    return head_for_batch(engine, make_batch(data, first, pad_id, packed=packed), mode=mode, chunk_tokens=chunk_tokens)
+    first, bad_record = rank_batches(batches, step)  # (a stream keeps them: the loop gets these same ones)
+    if all_reduce_sum([float(bad_record is not None)])[0]:
+        raise_bad_record(bad_record)
+    return head_for_batch(engine, first[0], mode=mode, chunk_tokens=chunk_tokens)
+
+
+def rank_batches(batches, step: int) -> tuple[list[dict], Optional[DataError]]:
+    """This rank's micro-batches of ``step``, or none and the bad record that its stream met (which every
+    rank must hear of, in a collective the caller holds anyway, before it stops: the others are about to wait
+    for this one)."""
+    try:
+        return batches.micro_batches(step), None
+    except DataError as e:
+        return [], e
+
+
+def raise_bad_record(bad_record: Optional[DataError]) -> NoReturn:
+    """Once every rank knows some rank met a bad record: raise the first such rank's error on every rank
+    (rank 0 prints it; the others exit quietly)."""
+    raise DataError(next(m for m in all_gather_text(str(bad_record or "")) if m),
+                    bad_record.reason if bad_record else "bad_record")
 
 
 def head_for_batch(engine, batch: dict, *, mode: str, chunk_tokens: int) -> LossHead:

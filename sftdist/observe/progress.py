@@ -156,7 +156,8 @@ class PhaseProgress:
         self.close()
 
 
-def start_summary(*, model_name: str, trainable: str, mix: list[dict], global_batch_size: int, epoch_len: int,
+def start_summary(*, model_name: str, trainable: str, mix: list[dict], global_batch_size: int,
+                  epoch_len: Optional[int],
                   max_steps: int, world: int, zero_stage: int, precision: str, grad_accum: int, packing: bool,
                   max_length: int, run_dir: str, sequence_parallel: int = 1) -> list[str]:
     """The lines a user checks before walking away from a run (``world`` processes, in data-parallel groups
@@ -174,8 +175,8 @@ def start_summary(*, model_name: str, trainable: str, mix: list[dict], global_ba
         ...     zero_stage=2, precision="fp32", grad_accum=1, packing=False, max_length=128, run_dir="/runs/x")[2:4]
         ['data mix:   chat 75.0% of samples / 50.0% of supervised tokens, web 25.0% / 50.0%', 'per step:   4 sequences (2 process(es) x 2 micro-batch x 1 accumulation), ~200 tokens, ~100 supervised']
     """
-    tokens = sum(m["tokens_per_epoch"] for m in mix) / max(epoch_len, 1) * global_batch_size
-    supervised = sum(m["supervised_tokens_per_epoch"] for m in mix) / max(epoch_len, 1) * global_batch_size
+    tokens = sum(m["tokens_per_epoch"] for m in mix) / max(epoch_len or 1, 1) * global_batch_size
+    supervised = sum(m["supervised_tokens_per_epoch"] for m in mix) / max(epoch_len or 1, 1) * global_batch_size
     shares = [f"{m['source']} {m['sample_share']:.1%} of samples / {m['supervised_token_share']:.1%} of supervised "
               f"tokens" if i == 0 else f"{m['source']} {m['sample_share']:.1%} / {m['supervised_token_share']:.1%}"
               for i, m in enumerate(mix)]

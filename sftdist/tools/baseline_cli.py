@@ -240,6 +240,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ConfigError(f"--run uses the run's own config ({run_dir / 'config.yaml'}), so that the figures are "
                               f"the run's; drop the overrides {args.overrides}")
         cfg = run_config(run_dir) if run_dir else compose_config(args.overrides)
+        from sftdist.data.streaming import bounded_streams
+
+        for note in bounded_streams(cfg.data):  # (its few-shot examples come from a stream's first records)
+            print(f"sftdist-baseline: {note}", file=sys.stderr)
         report = measure(cfg, k=args.k, answers=args.answers, max_new_tokens=args.max_new_tokens, run_dir=run_dir,
                          say=lambda line: print(f"sftdist-baseline: {line}", file=sys.stderr))
     except (ConfigError, DataError, HydraException, OmegaConfBaseException, OSError) as e:

@@ -12,6 +12,7 @@ from typing import Optional
 from sftdist.config import ConfigError, SFTConfig, compose_config
 from sftdist.data.build import build_for_run, mix_report, split_note
 from sftdist.data.messages import DataError
+from sftdist.data.streaming import bounded_streams
 
 
 PREPARE_USAGE = "usage: sftdist data prepare [key=value ...]   (alias: sftdist-prepare)"
@@ -22,6 +23,8 @@ def load_data(cfg: SFTConfig):
     build them."""
     from sftdist.engine.model import load_tokenizer
 
+    for note in bounded_streams(cfg.data):
+        print(note, file=sys.stderr)
     tokenizer = load_tokenizer(cfg.model)
     return (tokenizer, *build_for_run(cfg, tokenizer))
 
@@ -101,6 +104,8 @@ def quality_main(args) -> None:
 
     try:
         cfg = compose_config(args.overrides)
+        for note in bounded_streams(cfg.data):
+            print(note, file=sys.stderr)
         d = cfg.data
         threshold = d.near_dup_threshold if args.near_threshold is None else args.near_threshold
         if not 0 < threshold <= 1:

@@ -140,6 +140,9 @@ def data_summary(cfg: SFTConfig) -> dict:
     from sftdist.data.build import build_for_run, mix_report
     from sftdist.engine.model import load_tokenizer
 
+    from sftdist.data.streaming import bounded_streams
+
+    bounded_streams(cfg.data)  # (a stream's per-epoch counts are those of its first records' mix)
     data, schedule, _ = build_for_run(cfg, load_tokenizer(cfg.model))
     report = mix_report(data, schedule)
     t = cfg.train

@@ -140,7 +140,7 @@ def test_tiny_eval_splits_get_one_warning_per_source_in_the_run_log(shared_dir, 
     """The issue's case: ``eval_fraction: 0.02`` of the 91-record identity set holds 2 records. Each source
     whose eval split is under 20 records or 1,000 supervised tokens gets one line, logged with the data
     stage's other warnings (``log``: rank 0 only), naming the source, its counts and the fix."""
-    from sftdist.data.build import build_schedule
+    from sftdist.data.build import build_schedule, mix_report
     from sftdist.lifecycle.startup import log_data_report
 
     sets = shared_dir / "datasets"
@@ -170,7 +170,7 @@ def test_tiny_eval_splits_get_one_warning_per_source_in_the_run_log(shared_dir, 
     assert small[2].endswith(f": {tmp_path / 'small.jsonl'} holds only 10 records; set data.sources.3.eval_path "
                              f"to a separate held-out file")
     capsys.readouterr()
-    log_data_report(data, build_schedule(data, cfg, seed=0, global_batch_size=4, max_length=512))
+    log_data_report(data, mix_report(data, build_schedule(data, cfg, seed=0, global_batch_size=4, max_length=512)))
     logged = [line for line in capsys.readouterr().out.splitlines() if "eval split" in line]
     assert [line.split("] ", 1)[1] for line in logged] == [f"warning: {w}" for w in small]
 

@@ -147,7 +147,7 @@ def test_dft_and_sequence_combine_as_the_mean_of_per_sample_dft_means():
     assert applied == pytest.approx(sum(means) / len(means))
 
 
-def optimizer_step_parts(head: LossHead, rows: list[list[list[str]]], monkeypatch):
+def optimizer_step_parts(head: LossHead, rows: list[list[list[str]]]):
     """``LoopParts`` stand-ins for one rank's ``optimizer_step``: a token's loss is its own parameter, so its
     gradient is its weight in the step's objective; DeepSpeed's engine divides by the accumulation steps."""
     from sftdist import loop
@@ -171,20 +171,19 @@ def optimizer_step_parts(head: LossHead, rows: list[list[list[str]]], monkeypatc
         w=losses, zero_optimization_stage=lambda: 2, gradient_accumulation_steps=lambda: len(rows),
         get_lr=lambda: [1e-3], backward=lambda x: (x / len(rows)).backward(), step=lambda: None,
         is_gradient_accumulation_boundary=lambda: True, get_global_grad_norm=lambda: 1.0)
-    monkeypatch.setattr(loop, "make_batch", lambda data, mb, pad_id, packed: batches[mb])
     parts = SimpleNamespace(
-        engine=engine, data=SimpleNamespace(sources=["chat"], names=["chat"]), pad_id=0, packed=True,
-        schedule=SimpleNamespace(micro_batches=lambda *a: list(range(len(rows)))), micro_batch_size=2,
+        engine=engine, data=SimpleNamespace(sources=["chat"], names=["chat"]), pad_id=0,
+        batches=SimpleNamespace(micro_batches=lambda step: batches),
         head=TokenLosses(loss=head.loss, normalization=head.normalization), meter=SimpleNamespace(
             metrics=lambda **kw: {}), guard=SimpleNamespace(skips=False))
     return loop, parts, losses
 
 
 @pytest.mark.parametrize("loss", ["ce", "dft"])
-def test_the_loops_step_logs_cross_entropy_and_trains_the_per_sample_objective(loss, monkeypatch):
+def test_the_loops_step_logs_cross_entropy_and_trains_the_per_sample_objective(loss):
     rows = LAYOUT[0] + LAYOUT[1]  # one rank, 4 micro-batches
     head = LossHead(loss=loss, normalization="sequence")
-    loop, parts, losses = optimizer_step_parts(head, rows, monkeypatch)
+    loop, parts, losses = optimizer_step_parts(head, rows)
     row, _, _ = loop.optimizer_step(parts, 0, lambda seconds: False)
     every = [v for v in LOSSES.values() for v in v]
     assert row["loss"] == pytest.approx(sum(every) / len(every))  # the token-mean cross-entropy, as ever
@@ -195,8 +194,8 @@ def test_the_loops_step_logs_cross_entropy_and_trains_the_per_sample_objective(l
     assert row["objective"] == pytest.approx(float((losses.detach() * losses.grad).sum()))
 
 
-def test_the_loops_default_step_logs_no_objective(monkeypatch):
-    loop, parts, losses = optimizer_step_parts(LossHead(), [[["A", "B"]], [["C"]]], monkeypatch)
+def test_the_loops_default_step_logs_no_objective():
+    loop, parts, losses = optimizer_step_parts(LossHead(), [[["A", "B"]], [["C"]]])
     row, _, _ = loop.optimizer_step(parts, 0, lambda seconds: False)
     assert "objective" not in row and row["loss"] == pytest.approx(14 / 6)
     torch.testing.assert_close(losses.grad, torch.full((6,), 1 / 6))
