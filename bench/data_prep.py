@@ -6,9 +6,10 @@ dropped, replicated to a few thousand conversations and written once as a JSONL 
 (``shared/tokenizers/qwen2``). What is timed:
 
 * ``sftdist``: ``prepare_source(source, cfg, tokenizer, max_length=..., seed=0)`` with a fresh
-  ``DataConfig.cache_dir`` (cold: read the file, render each conversation once, tokenise it with offsets,
-  mask every assistant turn, filter, write the Arrow cache) and then the same call again (warm: it only
-  finds the cache entry).
+  ``DataConfig.cache_dir`` (cold: stream the file's lines into a raw Arrow file, then in ``num_proc`` forked
+  workers render each conversation, check which turns ``data.split_turns=auto`` must split, tokenise a batch
+  of rendered texts with offsets in one call, mask every assistant turn, filter, and write the Arrow shards of
+  the cache entry) and then the same call again (warm: it only finds the cache entry).
 * ``trl``: ``datasets.load_dataset("json", ...)`` of the same file into a fresh datasets cache, plus
   ``SFTTrainer._prepare_dataset`` as the ``SFTTrainer`` constructor runs it (tokenise with
   ``apply_chat_template``, build labels, truncate, drop fully masked rows). Warm = the same again with the
@@ -377,7 +378,7 @@ def build_table(cases: list[dict], n: int) -> str:
             s = r[f"{phase}_s"]
             if c["framework"] == "sftdist":
                 fw, masks = "sftdist `prepare_source`", "every assistant turn (render once)"
-                note = ("read + render/tokenise/mask + filter + `save_to_disk`" if phase == "cold" else
+                note = ("read + render/tokenise (batched)/mask + filter + write shards" if phase == "cold" else
                         f"finds the cache entry (then `load_from_disk`: {r['load_from_disk_s']:.2f} s)")
             else:
                 parts = r[f"{phase}_parts"]

@@ -215,7 +215,6 @@ def open_run_dir(cfg: SFTConfig, run_dir: Path, engine, resume_from: Optional[Pa
     return start_step
 
 
-
 def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_dir: Path,
                resume_from: Optional[Path], settings: dict, *, start_step: int, precision: str,
                started: float, origin: Optional[str]) -> LoopParts:
