@@ -175,7 +175,7 @@ _MAX_RECORD = 1 << 26  # a record that does not parse within this many character
 _NON_SPACE = re.compile(r"\S")
 
 
-def _read_json(f: Path) -> Iterator[tuple[str, Any]]:
+def read_json_file(f: Path) -> Iterator[tuple[str, Any]]:
     with f.open(encoding="utf-8") as fh:
         head = fh.read(4096).lstrip()
     if head.startswith("["):
@@ -284,7 +284,7 @@ def _read_file(f: Path) -> Iterator[tuple[str, Any]]:
     if f.suffix == ".jsonl":
         yield from _read_jsonl(f)
     elif f.suffix == ".json":
-        yield from _read_json(f)
+        yield from read_json_file(f)
     elif f.suffix == ".txt":
         with f.open(encoding="utf-8") as fh:
             for n, line in enumerate(fh, start=1):

@@ -5,7 +5,7 @@ dataset, with a position that a checkpoint stores and a resumed run seeks back t
 Each pass ("epoch") reads the shards in an order shuffled by ``(seed, epoch)``; record ``n`` of the pass
 (counted over all shards) belongs to rank ``n % parts``, so ranks read disjoint records and together every
 record once per pass. A rank parses only its own records (the others' lines are counted, not decoded).
-Memory is bounded by one line, one Parquet batch, or one JSON-array shard.
+Memory is bounded by one line, one Parquet batch, or a JSON array's read window.
 
 Example (2 ranks, one file of 5 lines)::
 
@@ -15,7 +15,6 @@ Example (2 ranks, one file of 5 lines)::
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -23,7 +22,7 @@ from typing import Any, Iterator, Optional
 from sftdist.config import DataSource
 from sftdist.data.demo import resolve_builtin
 from sftdist.data.messages import DataError
-from sftdist.data.sources import is_glob, is_local, local_path_exists, source_files
+from sftdist.data.sources import is_glob, is_local, local_path_exists, parse_line, read_json_file, source_files
 
 STREAM_EXTENSIONS = (".jsonl", ".json", ".parquet", ".txt")
 PARQUET_BATCH = 256  # rows decoded at a time
@@ -163,30 +162,22 @@ def _lines(f: Path, position: dict, mine) -> Iterator[tuple[str, Any]]:
                 yield "", None
                 continue
             where = f"{f}: line {position['line']}"
-            if text:
-                yield where, {"text": line.decode("utf-8").rstrip("\n")}
-                continue
             try:
-                yield where, json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                msg = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-                yield where, DataError(f"{where}: invalid JSON: {msg}", "invalid_json")
+                decoded = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, DataError(f"{where}: not UTF-8 text: {e}", "invalid_json")
+                continue
+            yield where, {"text": decoded.rstrip("\n")} if text else parse_line(decoded, where)
 
 
 def _array_rows(f: Path, position: dict, mine) -> Iterator[tuple[str, Any]]:
-    """Records of a JSON-array shard (held whole while it is read); ``position["offset"]`` counts records."""
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{f}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", "invalid_json") from e
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{f}: expected a JSON array of records (or JSON Lines)", "invalid_json")
-    while position["offset"] < len(data):
-        i = position["offset"]
-        position["offset"] += 1
-        yield (f"{f}: record {i}", data[i]) if mine() else ("", None)
+    """Records of a JSON-array shard (read through a window, ``sources.read_json_file``) from record
+    ``position["offset"]``, which counts records; those before it are parsed again, not held."""
+    for i, (where, row) in enumerate(read_json_file(f)):
+        if i < position["offset"]:
+            continue
+        position["offset"] = i + 1
+        yield (where, row) if mine() else ("", None)
 
 
 def _parquet_rows(f: Path, position: dict, mine) -> Iterator[tuple[str, Any]]:

@@ -256,11 +256,11 @@ def test_a_json_array_is_read_a_window_at_a_time_with_the_whole_file_readers_res
              "numbers": "[" + ", ".join(str(10 ** (i % 12)) for i in range(40)) + "]", "empty": " [ \n ] \n"}
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
-        got = list(sftdist.data.sources._read_json(tmp_path / f"{name}.json"))
+        got = list(sftdist.data.sources.read_json_file(tmp_path / f"{name}.json"))
         assert got == [(f"{tmp_path / name}.json: record {i}", r) for i, r in enumerate(json.loads(text))]
     assert whole == []  # nothing was parsed whole
     for text, error in [('[{"a": 1}, {"a": 2,}]', "line 1 column 20: Expecting property name"),
                         ('[{"a": 1}]\n[{"a": 2}]\n', "line 2 column 1: Extra data")]:
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(DataError, match=f"bad.json: invalid JSON at {error}"):
-            list(sftdist.data.sources._read_json(tmp_path / "bad.json"))
+            list(sftdist.data.sources.read_json_file(tmp_path / "bad.json"))
