@@ -164,13 +164,15 @@ def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def encode_raw(job: EncodeJob, procs: int, stop_at_bad_train: bool) -> tuple[dict[str, SplitCounts], list[Path],
-                                                                           list[Path]]:
+def encode_raw(job: EncodeJob, procs: int, stop_at_bad_train: bool,
+               progress: Callable[[int], None] = lambda done: None) -> tuple[dict[str, SplitCounts], list[Path],
+                                                                             list[Path]]:
     """Encode the whole raw file of ``job`` with ``procs`` processes (1: in this one).
 
     Args:
         stop_at_bad_train: Stop at the first task whose train records hold a bad one (every earlier task done):
             its counts are then those of the tasks so far.
+        progress: Called with the records encoded so far after each task.
 
     Returns:
         The counts of both splits, and the train and eval shard files in order (absent ones: no samples).
@@ -183,20 +185,21 @@ def encode_raw(job: EncodeJob, procs: int, stop_at_bad_train: bool) -> tuple[dic
     _JOB = job
     try:
         if procs <= 1 or len(tasks) == 1:
-            results = map(_encode_task, tasks)
-            _collect(results, total, stop_at_bad_train)
+            _collect(map(_encode_task, tasks), total, stop_at_bad_train, progress)
         else:
             ctx = multiprocessing.get_context("fork")
             with ctx.Pool(min(procs, len(tasks)), initializer=_start_worker) as pool:
-                _collect(pool.imap(_encode_task, tasks), total, stop_at_bad_train)
+                _collect(pool.imap(_encode_task, tasks), total, stop_at_bad_train, progress)
     finally:
         _JOB = None
     return total, shards["train"], shards["eval"]
 
 
-def _collect(results, total: dict[str, SplitCounts], stop_at_bad_train: bool) -> None:
+def _collect(results, total: dict[str, SplitCounts], stop_at_bad_train: bool,
+             progress: Callable[[int], None]) -> None:
     for counts in results:
         for split, c in counts.items():
             total[split].add(c)
+        progress(total["train"].records + total["eval"].records)
         if stop_at_bad_train and total["train"].first_bad:
             return

@@ -16,9 +16,11 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sftdist.config import DataConfig, DataSource
 from sftdist.data import quality
@@ -223,10 +225,13 @@ def _build_entry(tmp: Path, source: DataSource, cfg: DataConfig, tokenizer, *, m
     if eval_raw:
         jobs.append(_job(eval_raw, "b", tmp, lambda i: "eval", source, cfg, tokenizer, max_length))
     procs = default_num_proc(cfg)
-    counts, train_shards, eval_shards = encode_raw(jobs[0], _procs(procs, n), cfg.on_bad_record == "error")
+    counts, train_shards, eval_shards = encode_raw(jobs[0], _procs(procs, n), cfg.on_bad_record == "error",
+                                                   progress=progress_lines(source.name, n, _procs(procs, n)))
     _check_split(counts["train"], source, cfg, "train")
     if eval_raw:
-        eval_counts, _, eval_shards = encode_raw(jobs[1], _procs(procs, eval_raw.records), False)
+        eval_counts, _, eval_shards = encode_raw(jobs[1], _procs(procs, eval_raw.records), False,
+                                                 progress=progress_lines(f"{source.name} (eval_path)",
+                                                                         eval_raw.records, 1))
         counts["eval"] = eval_counts["eval"]
     for f in (raw.path, eval_raw and eval_raw.path):
         if f:
@@ -238,6 +243,27 @@ def _build_entry(tmp: Path, source: DataSource, cfg: DataConfig, tokenizer, *, m
         finish_split(tmp / "eval", eval_shards, fingerprint=_fingerprint(tmp, "eval"))
         stats["eval"] = _stats(counts["eval"])
     return stats
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+def progress_lines(name: str, records: int, workers: int) -> Callable[[int], None]:
+    """Print (stderr) that ``name`` is being tokenised, then, given the records done so far, a line at most
+    every ``PROGRESS_EVERY_S`` seconds and at the end: a million conversations take minutes, and the other
+    ranks wait silently meanwhile. Only the rank that prepares (local rank 0) calls it."""
+    start = last = time.time()
+    print(f"tokenising {name}: {records:,} records, {workers} worker(s)", file=sys.stderr, flush=True)
+
+    def done(count: int) -> None:
+        nonlocal last
+        now = time.time()
+        if now - last >= PROGRESS_EVERY_S or count >= records:
+            last = now
+            print(f"tokenising {name}: {count:,}/{records:,} records ({count / max(now - start, 1e-9):,.0f}/s)",
+                  file=sys.stderr, flush=True)
+
+    return done
 
 
 def _fingerprint(tmp: Path, split: str) -> str:
