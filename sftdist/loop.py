@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,11 +13,12 @@ from typing import Callable, Optional
 import torch
 
 from sftdist.data.build import TrainData
-from sftdist.engine import deepspeed_wrap, loss, sequence_parallel
-from sftdist.engine.distributed import all_reduce_sum, device, log, record_progress
+from sftdist.engine import deepspeed_wrap, forward, loss, sequence_parallel
+from sftdist.engine.distributed import all_reduce_sum, device, is_main, log, record_progress
 from sftdist.engine.forward import LossHead
 from sftdist.lifecycle import checkpoint, nonfinite, startup, stopping
 from sftdist.lifecycle.hangs import StackWatch
+from sftdist.observe import host_syncs
 from sftdist.observe.evaluation import EvalPlan, EvalTracker, per_source_metrics
 from sftdist.observe.metrics_log import MetricsLogger
 from sftdist.observe.progress import Progress
@@ -189,22 +191,29 @@ def optimizer_step(p: LoopParts, step: int,
 
     sums = torch.zeros(2 * num_sources, dtype=torch.float64, device=dev)
     objective_sum = torch.zeros((), dtype=torch.float64, device=dev)  # of weight * objective (train.loss)
-    for batch in micro_batches:
-        batch = {k: v.to(dev) for k, v in sequence_parallel.local_batch(batch, p.pad_id).items()}
-        # 2. forward; 3. per-token losses of the supervised positions
-        token_losses, mask = p.head.losses(engine, batch)
-        # 4. backward, scaled to a per-supervised-token (or per-sample) mean over the whole step
-        objective = p.head.objective(token_losses) * batch["loss_weight"][mask]
-        engine.backward(objective.sum() * scale)
-        if stage0 and engine.is_gradient_accumulation_boundary():
-            grad_norm = deepspeed_wrap.stage0_grad_norm(engine)
-            # ZeRO 1-3 drop a non-finite update themselves; ZeRO-0 is told to (nonfinite.py)
-            nonfinite.hold_stage0_update(engine, p.guard.skips and not math.isfinite(grad_norm))
-        # 5. DeepSpeed counts micro-steps inside step() and updates only at the accumulation boundary.
-        engine.step()
-        sums += loss.per_source_sums(token_losses, batch["token_source"][mask], num_sources)
-        objective_sum += objective.detach().sum()
+    syncs: Counter = Counter()
+    with host_syncs.counted(syncs):  # (SFTDIST_SYNC_CHECK=1 on a GPU: observe/host_syncs.py)
+        for batch in micro_batches:
+            # What the forward needs from the host is found before the copy (forward.device_batch): from here to
+            # the step's all-reduce nothing reads a device tensor back, so the host queues work ahead of the GPU.
+            batch = forward.device_batch(sequence_parallel.local_batch(batch, p.pad_id), dev)
+            # 2. forward; 3. per-token losses of the supervised positions
+            token_losses, supervised = p.head.losses(engine, batch)
+            # 4. backward, scaled to a per-supervised-token (or per-sample) mean over the whole step
+            objective = p.head.objective(token_losses) * forward.at_supervised(batch["loss_weight"], supervised)
+            engine.backward(objective.sum() * scale)
+            if stage0 and engine.is_gradient_accumulation_boundary():
+                grad_norm = deepspeed_wrap.stage0_grad_norm(engine)
+                # ZeRO 1-3 drop a non-finite update themselves; ZeRO-0 is told to (nonfinite.py)
+                nonfinite.hold_stage0_update(engine, p.guard.skips and not math.isfinite(grad_norm))
+            # 5. DeepSpeed counts micro-steps inside step() and updates only at the accumulation boundary.
+            engine.step()
+            sums += loss.per_source_sums(token_losses, forward.at_supervised(batch["token_source"], supervised),
+                                         num_sources)
+            objective_sum += objective.detach().sum()
 
+    if syncs and is_main():
+        log(f"step {step + 1}: {host_syncs.summary(syncs)}")
     # The same collective as the losses tells every rank whether any rank got a stop signal or ran out of
     # time (stopping.py): a decision that ends the loop is taken by all ranks together, or a rank that
     # stops alone leaves the others in the next step's collective.

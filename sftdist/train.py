@@ -26,7 +26,7 @@ from sftdist.config import overrides, sweep
 from sftdist.data import batches as data_batches, build as data_build
 from sftdist.data.messages import DataError
 from sftdist.engine import adapter, attention, build_locks, deepspeed_wrap, distributed, model as models, optim
-from sftdist.engine import sequence_parallel, tiling
+from sftdist.engine import compiled, kernels, sequence_parallel, tiling
 from sftdist.engine.distributed import is_main, log
 from sftdist.engine.forward import LossHead
 from sftdist.lifecycle import checkpoint, export, hangs, nonfinite, resume_check, rundir, startup, stopping
@@ -183,9 +183,13 @@ def build_engine(cfg: SFTConfig, tokenizer, ds_config: dict, *, precision: str, 
                                quantize_4bit=cfg.peft.method == "qlora")
     attention.use_for(model, cfg.model.attn_implementation, t.max_length)
     startup.check_attention(model, cfg.parallelism.sequence_parallel_size)
+    if line := kernels.apply(model, t.kernels):
+        log(line)
     model = adapter.apply_peft(model, cfg.peft)
     if tiling.wanted(cfg.parallelism.tiled_mlp, -(-t.max_length // cfg.parallelism.sequence_parallel_size)):
         log(f"tiled MLP (parallelism.tiled_mlp={cfg.parallelism.tiled_mlp}): {tiling.tile_mlps(model)} layers")
+    if t.compile:
+        log(compiled.compile_blocks(model))
     warmup = optim.warmup_steps(t, max_steps)
     engine = deepspeed_wrap.wrap_with_deepspeed(
         model, optim.param_groups(model, t.weight_decay), ds_config,
@@ -222,8 +226,11 @@ def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_
     t, data, world = cfg.train, prepared.data, distributed.world_size()
     head = startup.choose_head(engine, prepared.batches, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
                                step=start_step) if start_step < prepared.max_steps else LossHead(t.lm_head)
-    head = dataclasses.replace(head, loss=t.loss, normalization=t.loss_normalization,
-                               neftune_alpha=t.neftune_alpha)  # (eval passes report plain cross-entropy)
+    bare = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = dataclasses.replace(head, loss=t.loss, normalization=t.loss_normalization, neftune_alpha=t.neftune_alpha,
+                               fused=head.mode == "supervised" and kernels.fused_head_available(bare, t.kernels))
+    if t.kernels == "liger":  # (eval passes report plain cross-entropy)
+        log(f"train.kernels=liger: LM head {'fused' if head.fused else 'plain'} ({head.mode})")
     meter, peak_note = step_metrics.StepMeter.build(model, precision=precision, peak_override=cfg.logging.peak_flops,
                                                     head_everywhere=head.mode == "full")
     log(peak_note)

@@ -289,6 +289,11 @@ class TrainConfig:
     # NEFTune: uniform noise of scale alpha / sqrt(length * hidden) on the input embeddings, in training
     # forwards only (never eval or generation); 5 is the paper's usual value, 0 = off
     neftune_alpha: float = 0.0
+    # fused GPU kernels: none | liger (Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy in the
+    # supervised head, where liger-kernel is installed and the model supports them; else one log line and the
+    # plain path)
+    kernels: str = "none"
+    compile: bool = False  # torch.compile each decoder block (docs/training.md#kernels-and-compile)
     eval_every: int = 0  # optimizer steps between eval passes (0 = only after the last step)
     eval_at_start: bool = True  # eval before the first step: the step-0 baseline of eval_loss_delta/<source>
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -312,6 +317,7 @@ class TrainConfig:
         check_choice("train.loss", self.loss, LOSSES)
         check_choice("train.loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
         check_positive("train.neftune_alpha", self.neftune_alpha, allow_zero=True)
+        check_choice("train.kernels", self.kernels, ("none", "liger"))
         if self.lr is not None:
             check_positive("train.lr", self.lr)
         check_positive("train.micro_batch_size", self.micro_batch_size)

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sftdist.data.tokenize import IGNORE_INDEX
-from sftdist.engine import attention, sequence_parallel
-from sftdist.engine.loss import dft, supervised_token_losses, token_cross_entropy
+from sftdist.engine import attention, kernels, sequence_parallel
+from sftdist.engine.loss import dft, token_cross_entropy
 
 
 def _bare(model):
@@ -39,24 +39,81 @@ def _bare(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _call(model, batch: dict[str, torch.Tensor], **extra):
+SUPERVISED_INDEX = "supervised_index"  # flat [B * T] positions of the supervised targets, found on the host
+DOCUMENTS = "documents"  # the rows' attention.Documents, found on the host
+
+
+def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """A collated host batch (this rank's slice of it under sequence parallelism) on ``device``, with what
+    the forward would otherwise read back from the device found here first: the supervised positions
+    (``SUPERVISED_INDEX``) and, for ``attention.NAME``, the documents (``DOCUMENTS``; from the whole rows'
+    position ids). Reading a device tensor back (``.tolist()``, a boolean mask's index) stops the host until
+    the GPU has caught up, once per micro-batch; from here on the loop only queues work. On a GPU the copies
+    are asynchronous, from pinned memory.
+
+    Example:
+        >>> b = device_batch({"targets": torch.tensor([[-100, 5, 6], [7, -100, -100]]),
+        ...                   "position_ids": torch.tensor([[0, 1, 2], [0, 1, 0]])}, torch.device("cpu"))
+        >>> b[SUPERVISED_INDEX].tolist(), b[DOCUMENTS].spans
+        ([1, 2, 3], [[(0, 3)], [(0, 2), (2, 3)]])
+    """
+    pinned = device.type == "cuda"
+    out = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) for k, v in batch.items()}
+    index = (batch["targets"].reshape(-1) != IGNORE_INDEX).nonzero().flatten()
+    out[SUPERVISED_INDEX] = (index.pin_memory() if pinned else index).to(device, non_blocking=pinned)
+    positions = batch.get(sequence_parallel.FULL_POSITIONS, batch["position_ids"])
+    out[DOCUMENTS] = attention.Documents.from_positions(positions.cpu()).on(device)
+    return out
+
+
+def supervised_index(batch: dict) -> torch.Tensor:
+    """The flat positions of a batch's supervised targets: ``device_batch``'s, else found on the device
+    (which waits for it: eval and the tools take this path)."""
+    if SUPERVISED_INDEX in batch:
+        return batch[SUPERVISED_INDEX]
+    return (batch["targets"].reshape(-1) != IGNORE_INDEX).nonzero().flatten()
+
+
+def at_supervised(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values`` [B, T, ...] at the flat supervised positions ``index`` -> [N, ...], without the host sync
+    of a boolean mask's indexing.
+
+    Example:
+        >>> at_supervised(torch.tensor([[10, 11, 12], [13, 14, 15]]), torch.tensor([1, 3])).tolist()
+        [11, 13]
+    """
+    return values.reshape(-1, *values.shape[2:]).index_select(0, index)
+
+
+def _documents(model, batch: dict) -> attention.Documents | None:
+    """The documents for ``attention.NAME``'s forward: ``device_batch``'s, else from the position ids."""
+    if _bare(model).config._attn_implementation != attention.NAME:
+        return None
+    if DOCUMENTS in batch:
+        return batch[DOCUMENTS]
+    positions = batch.get(sequence_parallel.FULL_POSITIONS, batch["position_ids"])
+    return attention.Documents.from_positions(positions.cpu()).on(batch["input_ids"].device)
+
+
+def _call(model, batch: dict, **extra):
     """One forward of a collated batch; returns ``(output, (rows, width))``.
 
     ``use_cache=False`` is passed whatever the model's config says: transformers detects packed rows from
     the restarting position ids only when no cache is made, and with a cache attention would cross samples.
     Packed batches carry no attention_mask: transformers builds block-diagonal masks from those position
-    ids (sdpa/eager), and under ``attention.NAME`` the document spans go along instead. Flash attention
-    reads sample boundaries from position ids only for a batch of one row, so packed rows are flattened into
-    one row there (the caller reshapes back).
+    ids (sdpa/eager). Under ``attention.NAME`` the documents go along instead, with an empty 4-D mask that
+    transformers passes through as it is: it then builds no ``[B, 1, T, T]`` mask, and does not read the
+    position ids back to look for packed rows. Flash attention reads sample boundaries from position ids only
+    for a batch of one row, so packed rows are flattened into one row there (the caller reshapes back).
     """
     shape = tuple(batch["input_ids"].shape)
-    if sequence_parallel.FULL_POSITIONS in batch:  # this rank's slice of each row (sequence parallelism)
-        extra |= sequence_parallel.forward_kwargs(batch, _bare(model).config.get_text_config())
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                     **extra), shape
-    if _bare(model).config._attn_implementation == attention.NAME:
-        # One host read of the position ids per forward; every layer reuses the spans.
-        extra["document_spans"] = attention.document_spans(batch["position_ids"].tolist())
+    documents = _documents(model, batch)
+    if documents is not None:
+        # (under sequence parallelism, this rank's slice of each row, with the whole rows' documents)
+        extra |= sequence_parallel.forward_kwargs(batch, _bare(model).config.get_text_config(), documents)
+        no_mask = torch.empty((shape[0], 1, 0, 0), dtype=torch.bool, device=batch["input_ids"].device)
+        return model(input_ids=batch["input_ids"], attention_mask=no_mask, position_ids=batch["position_ids"],
+                     use_cache=False, **extra), shape
     if "attention_mask" in batch:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      position_ids=batch["position_ids"], use_cache=False, **extra), shape
@@ -115,34 +172,44 @@ def _chunk_losses(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def supervised_losses(model, batch: dict[str, torch.Tensor], *, lm_head: str = "supervised",
-                      chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_losses(model, batch: dict, *, lm_head: str = "supervised", chunk_tokens: int = 8192,
+                      fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy (fp32) of every supervised position of a collated batch.
 
     Example::
 
-        targets = [[7, -100, 2]]  ->  losses = [CE(head(h[0,0]), 7), CE(head(h[0,2]), 2)],  mask = [[T, F, T]]
+        targets = [[7, -100, 2]]  ->  losses = [CE(head(h[0,0]), 7), CE(head(h[0,2]), 2)],  index = [0, 2]
 
     Args:
         model: The DeepSpeed engine, or a bare or PEFT-wrapped Hugging Face causal LM.
-        batch: ``collate``/``collate_packed`` output on the model's device; ``targets`` [B, T] are the
-            shifted next-token ids, ``-100`` where not supervised.
+        batch: ``collate``/``collate_packed`` output on the model's device (best through ``device_batch``);
+            ``targets`` [B, T] are the shifted next-token ids, ``-100`` where not supervised.
         lm_head: ``supervised`` (head only on supervised rows) or ``full`` (the model's own logits).
         chunk_tokens: Supervised rows per head/cross-entropy chunk (``supervised`` only).
+        fused: Take Liger's fused linear cross-entropy for the head (``kernels.fused_losses``; ``supervised``
+            only), which never holds ``[N, V]`` logits; where it cannot run, the plain head does.
 
     Returns:
-        ``(losses, mask)``: losses [N] with grad, N = supervised positions in row-major order; mask [B, T].
+        ``(losses, index)``: losses [N] with grad, N = supervised positions in row-major order; index [N]
+        their flat positions in the [B, T] batch (``at_supervised`` picks other per-position values there).
     """
-    targets = batch["targets"]
+    index = supervised_index(batch)
+    wanted = at_supervised(batch["targets"], index)
     if lm_head == "full":
-        return supervised_token_losses(forward_logits(model, batch), targets)
-    mask = targets != IGNORE_INDEX
-    rows, wanted = final_hidden(model, batch)[mask], targets[mask]
+        return F.cross_entropy(at_supervised(forward_logits(model, batch), index).float(), wanted,
+                               reduction="none"), index
+    rows = at_supervised(final_hidden(model, batch), index)
+    if fused:
+        bare = _bare(model)
+        scale, softcap = kernels.logit_transforms(bare)
+        losses = kernels.fused_losses(bare.get_output_embeddings(), rows, wanted, scale=scale, softcap=softcap)
+        if losses is not None:
+            return losses, index
     if rows.shape[0] <= chunk_tokens or _partitioned(model):
-        return _chunk_losses(model, rows, wanted), mask
+        return _chunk_losses(model, rows, wanted), index
     # Several chunks: keep only each chunk's input and recompute its [chunk, V] logits in backward.
     return torch.cat([checkpoint(_chunk_losses, model, h, t, use_reentrant=False)
-                      for h, t in zip(rows.split(chunk_tokens), wanted.split(chunk_tokens))]), mask
+                      for h, t in zip(rows.split(chunk_tokens), wanted.split(chunk_tokens))]), index
 
 
 def check_supervised_head(model, batch: dict[str, torch.Tensor], *, rtol: float = 1e-2) -> str | None:
@@ -188,7 +255,7 @@ def check_slice(batch: dict[str, torch.Tensor], *, min_tokens: int = 64) -> dict
     row = int(supervised.any(dim=1).int().argmax())  # (0 when no row has any)
     positions = supervised[row].nonzero().flatten().tolist()
     end = max(min_tokens, positions[min(len(positions), 2) - 1] + 1 if positions else 0)
-    return {k: v[row:row + 1, :end] for k, v in batch.items()}
+    return {k: v[row:row + 1, :end] for k, v in batch.items() if k not in (SUPERVISED_INDEX, DOCUMENTS)}
 
 
 def neftune_noise(embeds: torch.Tensor, alpha: float, length: int) -> torch.Tensor:
@@ -241,6 +308,7 @@ class LossHead:
     loss: str = "ce"  # ce | dft: the objective's transform of each token's cross-entropy (``objective``)
     normalization: str = "token"  # token | sequence: for ``loss.token_weights`` and ``loss.loss_denominator``
     neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings of training forwards (0 = off)
+    fused: bool = False  # Liger's fused linear cross-entropy as the supervised head (train.kernels=liger)
 
     def losses(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``supervised_losses`` with this head: the plain cross-entropy of each supervised position (what
@@ -248,7 +316,8 @@ class LossHead:
         whole rows' width (a sequence-parallel slice carries its rows' position ids)."""
         width = batch.get(sequence_parallel.FULL_POSITIONS, batch["input_ids"]).shape[1]
         with neftune(model, self.neftune_alpha, width):
-            return supervised_losses(model, batch, lm_head=self.mode, chunk_tokens=self.chunk_tokens)
+            return supervised_losses(model, batch, lm_head=self.mode, chunk_tokens=self.chunk_tokens,
+                                     fused=self.fused)
 
     def objective(self, token_losses: torch.Tensor) -> torch.Tensor:
         """What training minimises per token, before ``loss.token_weights``: the cross-entropy (``ce``) or

@@ -164,13 +164,13 @@ def local_batch(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.
     return batch if _groups.size == 1 else shard(batch, _groups.rank, _groups.size, pad_id)
 
 
-def forward_kwargs(batch: dict[str, torch.Tensor], config) -> dict:
-    """What the model's forward needs for a sharded batch: the whole rows' document spans and the Ulysses
-    attention (``attention.sdpa_by_document`` hands over to it); {} for an unsharded batch."""
+def forward_kwargs(batch: dict[str, torch.Tensor], config, documents) -> dict:
+    """What the model's forward needs for ``attention.NAME``: the (whole rows') ``documents``
+    (``attention.Documents``), and for a sharded batch the Ulysses attention (``attention.sdpa_by_document``
+    hands over to it)."""
     if FULL_POSITIONS not in batch:
-        return {}
-    return {"document_spans": attention.document_spans(batch[FULL_POSITIONS].tolist()),
-            "ulysses": ulysses_attention(batch["input_ids"].shape[0], config)}
+        return {"documents": documents}
+    return {"documents": documents, "ulysses": ulysses_attention(batch["input_ids"].shape[0], config)}
 
 
 def ulysses_attention(batch_size: int, config):

@@ -21,7 +21,7 @@ from sftdist.data.build import TrainData, make_batch
 from sftdist.data.tokenize import IGNORE_INDEX
 from sftdist.engine import sequence_parallel
 from sftdist.engine.distributed import all_reduce_sum, device, log
-from sftdist.engine.forward import LossHead
+from sftdist.engine.forward import LossHead, at_supervised, device_batch
 from sftdist.engine.loss import per_source_sums
 
 
@@ -60,9 +60,9 @@ def evaluate(engine, data: TrainData, *, micro_batch_size: int, pad_id: int, hea
             chunk = mine[start:start + micro_batch_size]
             batch = make_batch(data, [[c or samples[0]] for c in chunk], pad_id, packed=False, split="eval")
             batch["targets"][[i for i, c in enumerate(chunk) if c is None]] = IGNORE_INDEX
-            batch = {k: v.to(dev) for k, v in sequence_parallel.local_batch(batch, pad_id).items()}
-            losses, mask = head.losses(engine, batch)
-            sums += per_source_sums(losses, batch["token_source"][mask], num)
+            batch = device_batch(sequence_parallel.local_batch(batch, pad_id), dev)
+            losses, supervised = head.losses(engine, batch)
+            sums += per_source_sums(losses, at_supervised(batch["token_source"], supervised), num)
     engine.train()
     totals = all_reduce_sum(sums.tolist())
     loss = sum(totals[:num]) / max(sum(totals[num:]), 1)

@@ -79,11 +79,11 @@ elif fault == "enospc":  # safetensors hits a full disk writing final/ or final_
 elif fault == "nan":  # the token losses of source `where` are NaN in the training step at_step
     real_losses = forward.LossHead.losses
     def losses(self, engine, batch):
-        token_losses, mask = real_losses(self, engine, batch)
+        token_losses, supervised = real_losses(self, engine, batch)
         if engine.training and torch.is_grad_enabled() and engine.global_steps + 1 == at_step:
-            poisoned = batch["token_source"][mask] == int(where)
+            poisoned = forward.at_supervised(batch["token_source"], supervised) == int(where)
             token_losses = torch.where(poisoned, token_losses * float("nan"), token_losses)
-        return token_losses, mask
+        return token_losses, supervised
     forward.LossHead.losses = losses
 elif fault == "usr1_in_eval":  # SIGUSR1 arrives while the eval after step at_step runs
     import sftdist.observe.evaluation as evaluation

@@ -6,6 +6,7 @@ import doctest
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sftdist.engine.attention
 from sftdist.data.collate import collate, collate_packed
@@ -91,3 +92,49 @@ def test_which_models_fit():
 
 def test_docstring_examples():
     assert doctest.testmod(sftdist.engine.attention).failed == 0
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=None, window_size=None,
+                     enable_gqa=False):
+    """What torch's varlen kernel computes, document by document, for the CPU test of the glue around it:
+    [N, H, D] tokens cut at cu_seq, causal (by either spelling), GQA only when asked."""
+    assert is_causal or window_size == (-1, 0)
+    assert cu_q.dtype == torch.int32 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    assert enable_gqa or k.shape[1] == q.shape[1]
+    bounds = cu_q.tolist()
+    return torch.cat([F.scaled_dot_product_attention(
+        q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scale,
+        enable_gqa=enable_gqa).transpose(0, 1) for s, e in zip(bounds, bounds[1:])])
+
+
+@pytest.mark.parametrize("params", [{"window_size", "enable_gqa"}, {"is_causal"}], ids=["torch2.12+", "torch2.10"])
+def test_the_varlen_call_equals_attention_by_document(params):
+    """The flattening, cu_seqlens, GQA and causal spelling around the GPU's varlen kernel (which needs CUDA; here
+    a reference of its contract), against the per-document sdpa path on the same packed rows."""
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1], [0, 1, 2, 0, 1, 2, 3, 4]])
+    q, k, v = (torch.randn(2, h, 8, 16, generator=g) for h in (4, 2, 2))
+    docs = attention.Documents.from_positions(positions)
+    want, _ = attention.sdpa_by_document(None, q, k, v, None, scaling=0.25, documents=docs)
+    got = attention.varlen_attention(q, k, v, docs, 0.25, kernel=(reference_varlen, frozenset(params)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_device_batch_finds_documents_and_supervised_positions_on_the_host():
+    """What the forward would read back from the device comes from the host, and the losses are the same."""
+    from sftdist.engine.forward import DOCUMENTS, SUPERVISED_INDEX, device_batch
+
+    attention.register()
+    model = tiny()
+    model.set_attn_implementation(attention.NAME)
+    rows = samples()
+    batch = collate_packed([rows[:2], rows[2:5], rows[5:]], 0)
+    on_device = device_batch(batch, torch.device("cpu"))
+    flat = batch["targets"].reshape(-1)
+    assert on_device[SUPERVISED_INDEX].tolist() == [i for i, t in enumerate(flat.tolist()) if t != IGNORE_INDEX]
+    assert on_device[DOCUMENTS].spans == attention.document_spans(batch["position_ids"].tolist())
+    with torch.no_grad():
+        want, want_index = supervised_losses(model, batch)
+        got, index = supervised_losses(model, on_device)
+    assert torch.equal(index, want_index)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

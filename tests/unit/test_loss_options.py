@@ -12,7 +12,7 @@ from sftdist.config import ConfigError, ModelConfig, SFTConfig, TrainConfig
 from sftdist.data.collate import collate_packed
 from sftdist.data.tokenize import IGNORE_INDEX
 from sftdist.engine import forward
-from sftdist.engine.forward import LossHead, neftune, neftune_noise
+from sftdist.engine.forward import LossHead, at_supervised, neftune, neftune_noise, supervised_index
 from sftdist.engine.loss import (
     backward_scale,
     dft,
@@ -164,8 +164,8 @@ def optimizer_step_parts(head: LossHead, rows: list[list[list[str]]]):
 
     class TokenLosses(LossHead):
         def losses(self, model, batch):
-            mask = batch["targets"] != IGNORE_INDEX
-            return model.w[batch["token_id"][mask]], mask
+            index = supervised_index(batch)
+            return model.w[at_supervised(batch["token_id"], index)], index
 
     engine = SimpleNamespace(
         w=losses, zero_optimization_stage=lambda: 2, gradient_accumulation_steps=lambda: len(rows),

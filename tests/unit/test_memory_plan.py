@@ -210,7 +210,7 @@ def _saved_bytes(model, ids, pos) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, position_ids=pos, use_cache=False,
-              document_spans=attention.document_spans(pos.tolist()))
+              documents=attention.Documents.from_positions(pos))
     return sum(seen.values())
 
 
