@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sftdist-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-bundle clean
 
 BENCH_VENV := bench/.venv-trl
 
@@ -50,6 +50,11 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/train_vs_trl.py $(ARGS)
+
+# make gpu-bundle: .whl/ gets the wheels the GPU machine lacks (pinned to .venv's versions) and the test
+# assets, checked against the 64 MiB that may travel there; see bench/gpu/README.md.
+gpu-bundle: $(STAMP)
+	$(PY) bench/gpu/bundle.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
