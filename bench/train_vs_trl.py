@@ -144,6 +144,9 @@ def sftdist_worker(case: dict, work: Path) -> dict:
 
 
 def trl_worker(case: dict, work: Path) -> dict:
+    """One TRL case. Besides this script's own cases, bench/gpu/device_run.py sends ``tokenizer``, ``data``,
+    ``model`` (a config dict), ``max_length``, ``micro_batch``, ``precision``, ``padding_free``, ``lora`` and
+    ``liger``; on a GPU the run goes there."""
     import torch
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -152,20 +155,28 @@ def trl_worker(case: dict, work: Path) -> dict:
     from sftdist.data.messages import to_conversation
 
     torch.set_num_threads(os.cpu_count() or 1)
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    tokenizer = AutoTokenizer.from_pretrained(str(case.get("tokenizer", TOKENIZER)))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    raw = json.loads(DATA.read_text())
+    data = Path(case.get("data", DATA))
+    raw = json.loads(data.read_text())
     convs = [to_conversation(r, "alpaca", f"record {i}")[0] for i, r in enumerate(raw)]
     ds = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs])
-    cfg = model_config(case["preset"], len(tokenizer))
+    cfg = dict(case.get("model") or model_config(case["preset"], 0), vocab_size=len(tokenizer))
+    bf16, gpu = case.get("precision") == "bf16", torch.cuda.is_available()
     torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32,
-                                             attn_implementation="sdpa")
-    args = SFTConfig(output_dir=str(work / "trl"), max_length=MAX_LENGTH, packing=case["packing"],
-                     per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=1,
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), attn_implementation="sdpa",
+                                             dtype=torch.bfloat16 if bf16 else torch.float32)
+    args = SFTConfig(output_dir=str(work / "trl"), max_length=case.get("max_length", MAX_LENGTH),
+                     packing=case["packing"], padding_free=case.get("padding_free", False),
+                     per_device_train_batch_size=case.get("micro_batch", MICRO_BATCH), gradient_accumulation_steps=1,
                      max_steps=case["steps"], learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-                     logging_steps=100, save_strategy="no", report_to=[], use_cpu=True, seed=SEED,
-                     dataloader_num_workers=0, bf16=False, fp16=False)
+                     logging_steps=100, save_strategy="no", report_to=[], use_cpu=not gpu, seed=SEED,
+                     dataloader_num_workers=0, bf16=bf16, fp16=False, use_liger_kernel=case.get("liger", False))
+    peft_config = None
+    if case.get("lora"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     prep = {}
     original = SFTTrainer._prepare_dataset
 
@@ -176,7 +187,10 @@ def trl_worker(case: dict, work: Path) -> dict:
         return out
 
     SFTTrainer._prepare_dataset = timed
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                         peft_config=peft_config)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     batches: list[tuple[int, int, int]] = []
     collate = trainer.data_collator
 
@@ -204,6 +218,8 @@ def trl_worker(case: dict, work: Path) -> dict:
     return {"prep_s": prep["s"], "records": len(raw),
             "padding": 1 - sum(b[1] for b in used) / sum(b[2] for b in used),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "device_peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None,
+            "padding_free": bool(trainer.args.padding_free),
             **steady(times, [b[0] for b in used], [b[1] for b in used])}
 
 
