@@ -20,8 +20,10 @@ else
     # sftdist from this working tree, laid out as its wheel would be (conf/ is the package sftdist.conf)
     mkdir -p "$site/sftdist" && cp -r sftdist/. "$site/sftdist/" && cp -r conf "$site/sftdist/conf"
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-    # DeepSpeed travels with no ops prebuilt: its fused Adam builds once here (nvcc), before the timed runs.
-    $PY -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" 2>&1 | tail -1 || true
+    # DeepSpeed travels with no ops prebuilt: its fused Adam builds once here (nvcc), before the timed runs, in
+    # the directory sftdist's runs load ops from (build_locks.use_env_extensions_dir).
+    $PY -c "from sftdist.engine.build_locks import use_env_extensions_dir as use; print('ops in', use())
+from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" 2>&1 | tail -2 || true
     echo "== install: $(( $(date +%s) - t0 )) s"
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
