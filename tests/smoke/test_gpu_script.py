@@ -31,7 +31,7 @@ def test_the_device_script_runs_every_phase_on_cpu(tmp_path):
     assert all(c["ok"] for c in checks.values()), checks
     assert "0.00e+00" in checks["resume = uninterrupted"]["detail"]  # bit for bit on CPU
     memory = {m["run"]: m for m in summary["memory"]}
-    assert {"zero2", "zero3", "lora_zero3"} <= set(memory) and all(m["predicted_gib"] > 0 for m in memory.values())
+    assert {"zero2", "lora_zero3"} <= set(memory) and all(m["predicted_gib"] > 0 for m in memory.values())
     measured = {r["case"]: r for r in summary["throughput"] if "supervised_tok_s" in r}
     assert {"sftdist", "sftdist LoRA"} <= set(measured)
     assert all(r["supervised_tok_s"] > 0 and 0 < r["mfu"] for r in measured.values())
