@@ -227,9 +227,10 @@ def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_
     head = startup.choose_head(engine, prepared.batches, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
                                step=start_step) if start_step < prepared.max_steps else LossHead(t.lm_head)
     bare = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # (eval passes report plain cross-entropy; a fused head computes the same per-token losses)
     head = dataclasses.replace(head, loss=t.loss, normalization=t.loss_normalization, neftune_alpha=t.neftune_alpha,
                                fused=head.mode == "supervised" and kernels.fused_head_available(bare, t.kernels))
-    if t.kernels == "liger":  # (eval passes report plain cross-entropy)
+    if t.kernels == "liger":
         log(f"train.kernels=liger: LM head {'fused' if head.fused else 'plain'} ({head.mode})")
     meter, peak_note = step_metrics.StepMeter.build(model, precision=precision, peak_override=cfg.logging.peak_flops,
                                                     head_everywhere=head.mode == "full")
