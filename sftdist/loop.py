@@ -200,7 +200,7 @@ def optimizer_step(p: LoopParts, step: int,
             # 2. forward; 3. per-token losses of the supervised positions
             token_losses, supervised = p.head.losses(engine, batch)
             # 4. backward, scaled to a per-supervised-token (or per-sample) mean over the whole step
-            objective = p.head.objective(token_losses) * forward.at_supervised(batch["loss_weight"], supervised)
+            objective = p.head.objective(token_losses) * loss.at_supervised(batch["loss_weight"], supervised)
             engine.backward(objective.sum() * scale)
             if stage0 and engine.is_gradient_accumulation_boundary():
                 grad_norm = deepspeed_wrap.stage0_grad_norm(engine)
@@ -208,7 +208,7 @@ def optimizer_step(p: LoopParts, step: int,
                 nonfinite.hold_stage0_update(engine, p.guard.skips and not math.isfinite(grad_norm))
             # 5. DeepSpeed counts micro-steps inside step() and updates only at the accumulation boundary.
             engine.step()
-            sums += loss.per_source_sums(token_losses, forward.at_supervised(batch["token_source"], supervised),
+            sums += loss.per_source_sums(token_losses, loss.at_supervised(batch["token_source"], supervised),
                                          num_sources)
             objective_sum += objective.detach().sum()
 

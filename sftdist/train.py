@@ -226,10 +226,10 @@ def loop_parts(cfg: SFTConfig, engine, model, tokenizer, prepared: RunData, run_
     t, data, world = cfg.train, prepared.data, distributed.world_size()
     head = startup.choose_head(engine, prepared.batches, mode=t.lm_head, chunk_tokens=t.loss_chunk_tokens,
                                step=start_step) if start_step < prepared.max_steps else LossHead(t.lm_head)
-    bare = model.get_base_model() if hasattr(model, "get_base_model") else model
     # (eval passes report plain cross-entropy; a fused head computes the same per-token losses)
+    fused = head.mode == "supervised" and kernels.fused_head_available(adapter.base_model(model), t.kernels)
     head = dataclasses.replace(head, loss=t.loss, normalization=t.loss_normalization, neftune_alpha=t.neftune_alpha,
-                               fused=head.mode == "supervised" and kernels.fused_head_available(bare, t.kernels))
+                               fused=fused)
     if t.kernels == "liger":
         log(f"train.kernels=liger: LM head {'fused' if head.fused else 'plain'} ({head.mode})")
     meter, peak_note = step_metrics.StepMeter.build(model, precision=precision, peak_override=cfg.logging.peak_flops,

@@ -275,7 +275,9 @@ def useful_flops(setup: Setup, length: int) -> float:
 
     cfg = compose_config(setup.overrides(length, setup.work / "flops"))
     tokenizer = load_tokenizer(cfg.model)
-    table = load_from_disk(str(prepare_all(cfg.data, tokenizer, max_length=length, seed=0)[0] / "train"))
+    # (the training runs' seed: the same cache entry, tokenised once)
+    entry = prepare_all(cfg.data, tokenizer, max_length=length, seed=cfg.train.seed)[0]
+    table = load_from_disk(str(entry / "train"))
     shape = dict(setup.shape, vocab_size=len(tokenizer))
     return train_vs_trl.useful_flops_per_supervised_token(shape, list(table["num_tokens"]),
                                                           list(table["num_supervised"]))[1]

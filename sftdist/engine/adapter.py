@@ -49,3 +49,7 @@ def trainable_summary(model) -> str:
     return f"trainable {trainable / 1e6:.2f}M / {total / 1e6:.2f}M parameters ({100 * trainable / max(total, 1):.2f}%)"
 
 
+def base_model(model):
+    """The Hugging Face model under a DeepSpeed engine and/or a PEFT wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

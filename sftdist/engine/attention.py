@@ -64,12 +64,18 @@ class Documents:
 
     @classmethod
     def from_positions(cls, position_ids: torch.Tensor) -> "Documents":
-        """From ``[B, T]`` position ids on the host (the collator's: 0 at each document's first token)."""
-        spans = document_spans(position_ids.tolist())
-        width = position_ids.shape[1]
-        ends = [b * width + e for b, row in enumerate(spans) for _, e in row]
-        return cls(spans, torch.tensor([0] + ends, dtype=torch.int32),
-                   max((e - s for row in spans for s, e in row), default=0))
+        """From ``[B, T]`` position ids on the host (the collator's: 0 at each document's first token), as
+        ``document_spans`` cuts them. The boundaries are found by tensor ops, so the Python that remains runs
+        once per document, not once per token (this is on every micro-batch's path)."""
+        rows, width = position_ids.shape
+        starts = torch.ones(rows, width, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (column 0 starts every row)
+        bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([rows * width])])
+        spans: list[list[tuple[int, int]]] = [[] for _ in range(rows)]
+        for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            spans[s // width].append((s % width, e - s + s % width))
+        longest = int((bounds[1:] - bounds[:-1]).max()) if rows * width else 0
+        return cls(spans, bounds.to(torch.int32), longest)
 
     def on(self, device: torch.device) -> "Documents":
         """The same with ``cu_seqlens`` on ``device`` (an asynchronous copy from pinned memory on a GPU)."""

@@ -23,6 +23,8 @@ import functools
 
 import torch
 
+from sftdist.engine import adapter
+
 
 class HostArgument:
     """A host-side value (the documents, a callback) carried through compiled code without being looked at:
@@ -102,7 +104,7 @@ def _compile_layer(layer, config, backend: str) -> None:
 def decoder_layers(model) -> torch.nn.ModuleList | None:
     """The decoder layers of a bare or PEFT-wrapped Hugging Face model: ``get_decoder().layers`` (Llama,
     Qwen2, Mistral, ...), else the ``ModuleList`` of the model's ``_no_split_modules`` classes."""
-    bare = model.get_base_model() if hasattr(model, "get_base_model") else model
+    bare = adapter.base_model(model)
     layers = getattr(bare.get_decoder(), "layers", None) if hasattr(bare, "get_decoder") else None
     if isinstance(layers, torch.nn.ModuleList) and len(layers):
         return layers
@@ -125,7 +127,7 @@ def compile_blocks(model, *, backend: str = "inductor") -> str:
     layers = decoder_layers(model)
     if layers is None:
         return f"train.compile: no decoder layers found in {type(model).__name__}; running eagerly"
-    bare = model.get_base_model() if hasattr(model, "get_base_model") else model
+    bare = adapter.base_model(model)
     config = bare.config.get_text_config()
     for layer in layers:
         if not getattr(layer, "_sftdist_compiled", False):

@@ -29,14 +29,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sftdist.data.tokenize import IGNORE_INDEX
-from sftdist.engine import attention, kernels, sequence_parallel
-from sftdist.engine.loss import dft, token_cross_entropy
+from sftdist.engine import adapter, attention, kernels, sequence_parallel
+from sftdist.engine.loss import (
+    at_supervised,
+    dft,
+    supervised_positions,
+    supervised_token_losses,
+    token_cross_entropy,
+)
 
 
-def _bare(model):
-    """The Hugging Face model under a DeepSpeed engine and/or a PEFT wrapper."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+_bare = adapter.base_model
 
 
 SUPERVISED_INDEX = "supervised_index"  # flat [B * T] positions of the supervised targets, found on the host
@@ -59,40 +62,30 @@ def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
     """
     pinned = device.type == "cuda"
     out = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned) for k, v in batch.items()}
-    index = (batch["targets"].reshape(-1) != IGNORE_INDEX).nonzero().flatten()
+    index = supervised_positions(batch["targets"])
     out[SUPERVISED_INDEX] = (index.pin_memory() if pinned else index).to(device, non_blocking=pinned)
-    positions = batch.get(sequence_parallel.FULL_POSITIONS, batch["position_ids"])
-    out[DOCUMENTS] = attention.Documents.from_positions(positions.cpu()).on(device)
+    out[DOCUMENTS] = _host_documents(batch, device)
     return out
+
+
+def _host_documents(batch: dict, device: torch.device) -> attention.Documents:
+    """The documents of a batch's (whole) rows, from its position ids on the host, ``cu_seqlens`` on
+    ``device``."""
+    positions = batch.get(sequence_parallel.FULL_POSITIONS, batch["position_ids"])
+    return attention.Documents.from_positions(positions.cpu()).on(device)
 
 
 def supervised_index(batch: dict) -> torch.Tensor:
     """The flat positions of a batch's supervised targets: ``device_batch``'s, else found on the device
     (which waits for it: eval and the tools take this path)."""
-    if SUPERVISED_INDEX in batch:
-        return batch[SUPERVISED_INDEX]
-    return (batch["targets"].reshape(-1) != IGNORE_INDEX).nonzero().flatten()
-
-
-def at_supervised(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values`` [B, T, ...] at the flat supervised positions ``index`` -> [N, ...], without the host sync
-    of a boolean mask's indexing.
-
-    Example:
-        >>> at_supervised(torch.tensor([[10, 11, 12], [13, 14, 15]]), torch.tensor([1, 3])).tolist()
-        [11, 13]
-    """
-    return values.reshape(-1, *values.shape[2:]).index_select(0, index)
+    return batch[SUPERVISED_INDEX] if SUPERVISED_INDEX in batch else supervised_positions(batch["targets"])
 
 
 def _documents(model, batch: dict) -> attention.Documents | None:
     """The documents for ``attention.NAME``'s forward: ``device_batch``'s, else from the position ids."""
     if _bare(model).config._attn_implementation != attention.NAME:
         return None
-    if DOCUMENTS in batch:
-        return batch[DOCUMENTS]
-    positions = batch.get(sequence_parallel.FULL_POSITIONS, batch["position_ids"])
-    return attention.Documents.from_positions(positions.cpu()).on(batch["input_ids"].device)
+    return batch[DOCUMENTS] if DOCUMENTS in batch else _host_documents(batch, batch["input_ids"].device)
 
 
 def _call(model, batch: dict, **extra):
@@ -194,11 +187,9 @@ def supervised_losses(model, batch: dict, *, lm_head: str = "supervised", chunk_
         their flat positions in the [B, T] batch (``at_supervised`` picks other per-position values there).
     """
     index = supervised_index(batch)
-    wanted = at_supervised(batch["targets"], index)
     if lm_head == "full":
-        return F.cross_entropy(at_supervised(forward_logits(model, batch), index).float(), wanted,
-                               reduction="none"), index
-    rows = at_supervised(final_hidden(model, batch), index)
+        return supervised_token_losses(forward_logits(model, batch), batch["targets"], index)
+    rows, wanted = at_supervised(final_hidden(model, batch), index), at_supervised(batch["targets"], index)
     if fused:
         bare = _bare(model)
         scale, softcap = kernels.logit_transforms(bare)

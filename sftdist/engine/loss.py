@@ -14,7 +14,30 @@ import torch.nn.functional as F
 from sftdist.data.tokenize import IGNORE_INDEX
 
 
-def supervised_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_positions(targets: torch.Tensor) -> torch.Tensor:
+    """The flat ``[B * T]`` positions of the supervised targets (found where ``targets`` lives: on the host
+    before a batch's copy, the loop's case, nothing waits for the GPU).
+
+    Example:
+        >>> supervised_positions(torch.tensor([[-100, 5, 6], [7, -100, -100]])).tolist()
+        [1, 2, 3]
+    """
+    return (targets.reshape(-1) != IGNORE_INDEX).nonzero().flatten()
+
+
+def at_supervised(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values`` [B, T, ...] at the flat supervised positions ``index`` -> [N, ...], without the host sync
+    of a boolean mask's indexing.
+
+    Example:
+        >>> at_supervised(torch.tensor([[10, 11, 12], [13, 14, 15]]), torch.tensor([1, 3])).tolist()
+        [11, 13]
+    """
+    return values.reshape(-1, *values.shape[2:]).index_select(0, index)
+
+
+def supervised_token_losses(logits: torch.Tensor, targets: torch.Tensor,
+                            index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy (fp32) of every supervised position.
 
     Only supervised rows of the logits go through the softmax, which saves memory and time when most
@@ -22,17 +45,19 @@ def supervised_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tupl
 
     Example::
 
-        targets = [[7, -100, 2]]  ->  losses = [CE(logits[0,0], 7), CE(logits[0,2], 2)],  mask = [[T, F, T]]
+        targets = [[7, -100, 2]]  ->  losses = [CE(logits[0,0], 7), CE(logits[0,2], 2)],  index = [0, 2]
 
     Args:
         logits: [B, T, V] scores for the next token at each position.
         targets: [B, T] next-token ids (already shifted), ``-100`` where not supervised.
+        index: ``supervised_positions(targets)`` where already known.
 
     Returns:
-        ``(losses, mask)``: losses [N] with grad, N = supervised positions; mask [B, T] bool.
+        ``(losses, index)``: losses [N] with grad, N = supervised positions; their flat positions [N].
     """
-    mask = targets != IGNORE_INDEX
-    return F.cross_entropy(logits[mask].float(), targets[mask], reduction="none"), mask
+    index = supervised_positions(targets) if index is None else index
+    return F.cross_entropy(at_supervised(logits, index).float(), at_supervised(targets, index),
+                           reduction="none"), index
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
@@ -79,8 +104,8 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 
         targets = [[7, -100, 2]]  ->  loss_sum = CE(logits[0,0], 7) + CE(logits[0,2], 2),  count = 2
     """
-    losses, mask = supervised_token_losses(logits, targets)
-    return losses.sum(), mask.sum()
+    losses, index = supervised_token_losses(logits, targets)
+    return losses.sum(), torch.tensor(index.numel(), device=losses.device)
 
 
 def per_source_sums(losses: torch.Tensor, sources: torch.Tensor, num_sources: int) -> torch.Tensor:

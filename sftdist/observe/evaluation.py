@@ -21,8 +21,8 @@ from sftdist.data.build import TrainData, make_batch
 from sftdist.data.tokenize import IGNORE_INDEX
 from sftdist.engine import sequence_parallel
 from sftdist.engine.distributed import all_reduce_sum, device, log
-from sftdist.engine.forward import LossHead, at_supervised, device_batch
-from sftdist.engine.loss import per_source_sums
+from sftdist.engine.forward import LossHead, device_batch
+from sftdist.engine.loss import at_supervised, per_source_sums
 
 
 def per_source_metrics(prefix: str, names: list[str], sums: list[float]) -> dict[str, float]:
